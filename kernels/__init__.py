@@ -1,0 +1,10 @@
+"""Triton forward kernels for Higher-order Linear Attention (fla layout).
+
+q, k: [B, T, H, d]; v: [B, T, H, dv]; returns (o [B, T, H, dv], state or None).
+"""
+from ._common import AHLAState, HLA2State
+from .ahla import chunk_ahla, fused_recurrent_ahla
+from .hla2 import chunk_hla2, fused_recurrent_hla2
+
+__all__ = ["chunk_hla2", "fused_recurrent_hla2", "chunk_ahla", "fused_recurrent_ahla",
+           "HLA2State", "AHLAState"]

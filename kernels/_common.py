@@ -1,0 +1,219 @@
+"""Shared plumbing for the HLA Triton kernels: input checks, state types, launch choices.
+
+Everything here runs on the host. The kernels themselves live in `hla2.py`,
+`ahla.py` (and `hla3.py`). The conventions follow flash-linear-attention:
+q, k [B, T, H, d], v [B, T, H, dv], o [B, T, H, dv]; with `cu_seqlens`
+(varlen) B must be 1 and the packed sequences are cu_seqlens[n]:cu_seqlens[n+1].
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256  # the d x d (or d x dv) running state lives in registers
+
+
+class HLA2State(NamedTuple):
+    """Carry of HLA2 after a prefix 1..t (per sequence n and head h), gamma = decay.
+
+    KK    [N, H, d, d]  = sum_{i<=t} g^(t-i) k_i k_i^T
+    KK_QV [N, H, d, dv] = sum_{i<=j<=t} g^((t-i)+(t-j)) k_i k_i^T q_j v_j^T
+    KK_Q1 [N, H, d, 1]  = KK_QV with v_j replaced by 1 (only with normalize, else None)
+    Output o_t = q_t^T KK_QV_t (normalized: / (q_t^T KK_Q1_t + eps)).
+    float32, or float64 for float64 inputs.
+    """
+    KK: torch.Tensor
+    KK_QV: torch.Tensor
+    KK_Q1: Optional[torch.Tensor] = None
+
+
+class AHLAState(NamedTuple):
+    """Carry of AHLA after a prefix 1..t (per sequence n and head h).
+
+    KV    [N, H, d, dv] = sum_{j<=t} g^(t-j) k_j v_j^T
+    KQ_KV [N, H, d, dv] = sum_{j<=i<=t} g^(t-j) k_i q_i^T k_j v_j^T
+    K1    [N, H, d, 1], KQ_K1 [N, H, d, 1]: the same with v_j replaced by 1
+    (only with normalize, else None). Output o_t = q_t^T KQ_KV_t.
+    """
+    KV: torch.Tensor
+    KQ_KV: torch.Tensor
+    K1: Optional[torch.Tensor] = None
+    KQ_K1: Optional[torch.Tensor] = None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+
+
+def dot_dtype(dtype: torch.dtype):
+    """Operand format of every tl.dot for inputs of `dtype`.
+
+    bf16/fp16 inputs: operands in the input format (tensor cores), fp32 accumulate;
+    intermediates (states, C x C weights) are rounded to that format before a dot,
+    which the error model counts. Under TRITON_INTERPRET the interpreter's bf16 dot
+    is wrong (it multiplies raw bit patterns), so there bf16 is upcast to fp32 and
+    the CPU run never relies on a bf16 dot. fp32 inputs: fp32 operands with IEEE
+    precision (not TF32), fp64 inputs: fp64 throughout.
+    """
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+
+
+def _finite(name: str, x: torch.Tensor):
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or Inf)")
+
+
+def check_qkv(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T, H, dim], got shape {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if interpreting():
+        if q.device.type != "cpu":
+            raise ValueError(f"q is on {q.device}; under TRITON_INTERPRET=1 inputs must be on the CPU")
+    elif q.device.type != "cuda":
+        raise ValueError(f"q is on {q.device}; the Triton kernels need CUDA tensors "
+                         "(or TRITON_INTERPRET=1 with CPU tensors)")
+    if k.shape != q.shape:
+        raise ValueError(f"k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v shape {tuple(v.shape)} must match q shape {tuple(q.shape)} in [B, T, H]")
+    B, T, H, d = q.shape
+    dv = v.shape[3]
+    if T == 0:
+        raise ValueError("q has T = 0 tokens; at least one token is required")
+    if B == 0 or H == 0 or d == 0 or dv == 0:
+        raise ValueError(f"empty dimension in q {tuple(q.shape)} / v {tuple(v.shape)}")
+    if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        raise ValueError(f"head dims d={d}, dv={dv} exceed the supported maximum {MAX_HEAD_DIM}")
+    return B, T, H, d, dv
+
+
+def check_gamma(gamma, H: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """Return gamma as a float64 tensor [H] after checking 0 < gamma <= 1."""
+    if gamma is None:
+        g = torch.ones(H, dtype=torch.float64)
+    elif isinstance(gamma, torch.Tensor):
+        if gamma.dim() == 0:
+            g = gamma.detach().to("cpu", torch.float64).reshape(1).expand(H).clone()
+        elif gamma.dim() == 1 and gamma.shape[0] == H:
+            g = gamma.detach().to("cpu", torch.float64)
+        else:
+            raise ValueError(f"gamma tensor must have shape [H] = [{H}], got {tuple(gamma.shape)}")
+    elif isinstance(gamma, (int, float)) and not isinstance(gamma, bool):
+        g = torch.full((H,), float(gamma), dtype=torch.float64)
+    else:
+        raise TypeError(f"gamma must be None, a float in (0, 1] or a tensor [H], got {type(gamma).__name__}")
+    if not bool(torch.isfinite(g).all()) or bool((g <= 0).any()) or bool((g > 1).any()):
+        raise ValueError(f"gamma must lie in (0, 1], got {g.tolist()}")
+    return g
+
+
+def check_cu_seqlens(cu_seqlens, B: int, T: int, device):
+    """Return (N, cu int32 tensor on device or None, host list of lengths)."""
+    if cu_seqlens is None:
+        return B, None, [T] * B
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1]")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if B != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1, got B = {B}")
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu.numel() < 2:
+        raise ValueError("cu_seqlens must hold at least two offsets [0, ..., T]")
+    if int(cu[0]) != 0 or int(cu[-1]) != T:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}, got {cu.tolist()}")
+    lens = (cu[1:] - cu[:-1]).tolist()
+    if min(lens) < 1:
+        raise ValueError(f"cu_seqlens must be strictly increasing (every sequence needs >= 1 token), got {cu.tolist()}")
+    return len(lens), cu.to(device=device, dtype=torch.int32), lens
+
+
+def check_chunk_size(chunk_size):
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 16 \
+            or chunk_size > 128 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two in [16, 128], got {chunk_size!r}")
+
+
+def check_eps(eps):
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+
+
+def check_state(state, cls, fields_shapes: dict, normalize: bool, device, sdtype):
+    """Validate an initial state and return its tensors contiguous, in the state dtype.
+
+    fields_shapes maps field name -> expected shape; fields whose name is in
+    `norm_fields` are needed only when normalize is True.
+    """
+    if not isinstance(state, tuple) or not hasattr(state, "_fields"):
+        raise TypeError(f"initial_state must be a {cls.__name__} named tuple, got {type(state).__name__}")
+    out = {}
+    for name, shape in fields_shapes.items():
+        x = getattr(state, name, None)
+        if x is None:
+            if shape[-1] == 1 and not normalize:
+                out[name] = None
+                continue
+            raise ValueError(f"initial_state.{name} is missing (needed {'with normalize' if shape[-1] == 1 else ''})")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"initial_state.{name} must be a tensor")
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"initial_state.{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+        if x.device != device:
+            raise ValueError(f"initial_state.{name} is on {x.device}, inputs on {device}")
+        if not x.is_floating_point():
+            raise TypeError(f"initial_state.{name} must be floating point, got {x.dtype}")
+        _finite(f"initial_state.{name}", x)
+        out[name] = x.to(sdtype).contiguous()
+    return out
+
+
+def prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite):
+    B, T, H, d, dv = check_qkv(q, k, v)
+    g = check_gamma(gamma, H, q.device, q.dtype)
+    check_eps(eps)
+    check_chunk_size(chunk_size)
+    N, cu, lens = check_cu_seqlens(cu_seqlens, B, T, q.device)
+    if check_finite:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            _finite(name, x)
+    sdt = state_dtype(q.dtype)
+    gam = g.to(device=q.device, dtype=sdt)
+    log2g = torch.log2(g).to(device=q.device, dtype=sdt)  # log2 in float64, then rounded
+    return dict(B=B, T=T, H=H, d=d, dv=dv, N=N, cu=cu, lens=lens, sdt=sdt, gam=gam, log2g=log2g,
+                q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
+
+
+def block_sizes(d: int, dv: int, block_v: Optional[int]):
+    BK = max(16, triton.next_power_of_2(d))
+    if block_v is None:
+        block_v = 64
+    BV = max(16, min(block_v, triton.next_power_of_2(dv)))
+    return BK, BV

@@ -1,0 +1,247 @@
+"""HLA2 (symmetric second-order, masked) forward kernels: chunked and recurrent.
+
+    o_t = sum_{1 <= i <= j <= t} g^((t-i)+(t-j)) (q_t.k_i)(k_i.q_j) v_j
+
+Carry (see HLA2State): S = KK (d x d), X = KK_QV (d x dv), X1 = KK_Q1 (d).
+Online: S_t = g S_{t-1} + k_t k_t^T ; X_t = g^2 X_{t-1} + S_t q_t v_t^T ; o_t = q_t^T X_t.
+
+Chunked form (one chunk of length Lc <= C, local rows r, j, i = 0..Lc-1, chunk-start
+carry S0, X0, b_r = g^(r+1)), obtained by unrolling the online update over the chunk:
+
+    o_r   = b_r^2 q_r^T X0 + sum_{j<=r} g^(2r-j+1) (q_r^T S0 q_j) v_j
+            + sum_{j<=r} g^(2(r-j)) sum_{i<=j} g^(j-i) (q_r.k_i)(k_i.q_j) v_j
+    S_end = g^Lc S0 + sum_i g^(Lc-1-i) k_i k_i^T
+    X_end = g^(2Lc) X0 + S0 sum_j g^(2Lc-1-j) q_j v_j^T
+            + sum_{i<=j} g^((Lc-1-i)+(Lc-1-j)) k_i (k_i.q_j) v_j^T
+
+Every decay factor is formed directly as exp2(n * log2 g) with n >= 0 (never as a
+ratio g^a / g^b, which over/underflows for small g). One program owns one
+(sequence, head, dv block): the running state stays in registers while the chunks
+stream through it, so nothing per-chunk goes to HBM.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (HLA2State, block_sizes, check_state, dot_dtype, prepare, tl_dtype)
+
+
+@triton.jit
+def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, st_x1, cu, eps,
+                       T, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                       NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                       VARLEN: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    iv = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // H
+    h = nh % H
+    if VARLEN:
+        bos = tl.load(cu + n).to(tl.int64)
+        L = (tl.load(cu + n + 1) - tl.load(cu + n)).to(tl.int32)
+    else:
+        bos = n.to(tl.int64) * T
+        L = T
+    ok = tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    oc = tl.arange(0, C)
+    mk = ok < D
+    mv = ov < DV
+    lg = tl.load(log2g_ptr + h).to(ACC)
+
+    S = tl.zeros((BK, BK), dtype=ACC)
+    X = tl.zeros((BK, BV), dtype=ACC)
+    X1 = tl.zeros((BK,), dtype=ACC)
+    sbase = nh.to(tl.int64)
+    if HAS_INIT:
+        S = tl.load(s0_kk + sbase * D * D + ok[:, None] * D + ok[None, :],
+                    mask=mk[:, None] & mk[None, :], other=0).to(ACC)
+        X = tl.load(s0_x + sbase * D * DV + ok[:, None] * DV + ov[None, :],
+                    mask=mk[:, None] & mv[None, :], other=0).to(ACC)
+        if NORMALIZE:
+            X1 = tl.load(s0_x1 + sbase * D + ok, mask=mk, other=0).to(ACC)
+
+    rf = oc.to(ACC)
+    r2 = oc[:, None]
+    c2 = oc[None, :]
+    for cs in range(0, L, C):
+        Lc = tl.minimum(L - cs, C)
+        mr = oc < Lc
+        rows = bos + cs + oc
+        qb = tl.load(q + (rows[:, None] * H + h) * D + ok[None, :], mask=mr[:, None] & mk[None, :], other=0)
+        kb = tl.load(k + (rows[:, None] * H + h) * D + ok[None, :], mask=mr[:, None] & mk[None, :], other=0)
+        vb = tl.load(v + (rows[:, None] * H + h) * DV + ov[None, :], mask=mr[:, None] & mv[None, :], other=0)
+        qd = qb.to(DOT)
+        kd = kb.to(DOT)
+        vd = vb.to(DOT)
+        Lf = Lc.to(ACC)
+        # decay factors, all exp2 of a non-negative multiple of -log2 g, zero where masked
+        b = tl.where(mr, tl.exp2(lg * (rf + 1)), 0)                      # g^(r+1)
+        low = (c2 <= r2) & (r2 < Lc)
+        D1 = tl.where(low, tl.exp2(lg * (2 * r2 - c2 + 1).to(ACC)), 0)   # g^(2r-j+1), j<=r
+        D2 = tl.where(low, tl.exp2(lg * (2 * (r2 - c2)).to(ACC)), 0)     # g^(2(r-j)),  j<=r
+        Dw = tl.where(c2 <= r2, tl.exp2(lg * (r2 - c2).to(ACC)), 0)      # g^(j-i), i<=j (rows j)
+        e = tl.where(mr, tl.exp2(lg * (2 * Lf - 1 - rf)), 0)             # g^(2Lc-1-j)
+        gk = tl.where(mr, tl.exp2(lg * (Lf - 1 - rf)), 0)                # g^(Lc-1-i)
+        DU = tl.where((r2 <= c2) & (c2 < Lc),
+                      tl.exp2(lg * (2 * Lf - 2 - (r2 + c2).to(ACC))), 0)  # g^((Lc-1-i)+(Lc-1-j)), i<=j
+        gC = tl.exp2(lg * Lf)                                             # g^Lc
+
+        W = tl.dot(qd, tl.trans(kd), input_precision=PREC, out_dtype=ACC)       # W[r,i] = q_r.k_i
+        Wd = (W * Dw).to(DOT)                                                    # [i<=j] g^(j-i) W[j,i]
+        A = tl.dot(W.to(DOT), tl.trans(Wd), input_precision=PREC, out_dtype=ACC) * D2
+        QS = tl.dot(qd, S.to(DOT), input_precision=PREC, out_dtype=ACC)         # q_r^T S0 (S0 symmetric)
+        A += tl.dot(QS.to(DOT), tl.trans(qd), input_precision=PREC, out_dtype=ACC) * D1
+        ob = (b * b)[:, None] * tl.dot(qd, X.to(DOT), input_precision=PREC, out_dtype=ACC)
+        ob += tl.dot(A.to(DOT), vd, input_precision=PREC, out_dtype=ACC)
+        if NORMALIZE:
+            qa = qb.to(ACC)
+            den = (b * b) * tl.sum(qa * X1[None, :], 1) + tl.sum(A, 1)
+            ob = ob / (den + eps)[:, None]
+        tl.store(o + (rows[:, None] * H + h) * DV + ov[None, :], ob.to(o.dtype.element_ty),
+                 mask=mr[:, None] & mv[None, :])
+
+        # carry to the end of the chunk; X first (it needs S0)
+        M = tl.dot(tl.trans((qb.to(ACC) * e[:, None]).to(DOT)), vd, input_precision=PREC, out_dtype=ACC)
+        U = tl.trans(W) * DU                                                     # U[i,j] = k_i.q_j g^..
+        UV = tl.dot(U.to(DOT), vd, input_precision=PREC, out_dtype=ACC)
+        X = gC * gC * X + tl.dot(S.to(DOT), M.to(DOT), input_precision=PREC, out_dtype=ACC) \
+            + tl.dot(tl.trans(kd), UV.to(DOT), input_precision=PREC, out_dtype=ACC)
+        if NORMALIZE:
+            ka = kb.to(ACC)
+            m1 = tl.sum(qb.to(ACC) * e[:, None], 0)
+            u1 = tl.sum(U, 1)
+            X1 = gC * gC * X1 + tl.sum(S * m1[None, :], 1) + tl.sum(ka * u1[:, None], 0)
+        kg = (kb.to(ACC) * gk[:, None]).to(DOT)
+        S = gC * S + tl.dot(tl.trans(kg), kd, input_precision=PREC, out_dtype=ACC)
+
+    if STORE_FINAL:
+        if iv == 0:
+            tl.store(st_kk + sbase * D * D + ok[:, None] * D + ok[None, :], S.to(st_kk.dtype.element_ty),
+                     mask=mk[:, None] & mk[None, :])
+            if NORMALIZE:
+                tl.store(st_x1 + sbase * D + ok, X1.to(st_x1.dtype.element_ty), mask=mk)
+        tl.store(st_x + sbase * D * DV + ok[:, None] * DV + ov[None, :], X.to(st_x.dtype.element_ty),
+                 mask=mk[:, None] & mv[None, :])
+
+
+@triton.jit
+def _hla2_recurrent_kernel(q, k, v, o, gam_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, st_x1, cu, eps,
+                           T, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr,
+                           NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                           VARLEN: tl.constexpr, ACC: tl.constexpr):
+    # token-by-token online update, element-wise arithmetic in ACC (no tl.dot at all)
+    iv = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // H
+    h = nh % H
+    if VARLEN:
+        bos = tl.load(cu + n).to(tl.int64)
+        L = (tl.load(cu + n + 1) - tl.load(cu + n)).to(tl.int32)
+    else:
+        bos = n.to(tl.int64) * T
+        L = T
+    ok = tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    mk = ok < D
+    mv = ov < DV
+    g = tl.load(gam_ptr + h).to(ACC)
+    S = tl.zeros((BK, BK), dtype=ACC)
+    X = tl.zeros((BK, BV), dtype=ACC)
+    X1 = tl.zeros((BK,), dtype=ACC)
+    sbase = nh.to(tl.int64)
+    if HAS_INIT:
+        S = tl.load(s0_kk + sbase * D * D + ok[:, None] * D + ok[None, :],
+                    mask=mk[:, None] & mk[None, :], other=0).to(ACC)
+        X = tl.load(s0_x + sbase * D * DV + ok[:, None] * DV + ov[None, :],
+                    mask=mk[:, None] & mv[None, :], other=0).to(ACC)
+        if NORMALIZE:
+            X1 = tl.load(s0_x1 + sbase * D + ok, mask=mk, other=0).to(ACC)
+    for t in range(0, L):
+        row = bos + t
+        qt = tl.load(q + (row * H + h) * D + ok, mask=mk, other=0).to(ACC)
+        kt = tl.load(k + (row * H + h) * D + ok, mask=mk, other=0).to(ACC)
+        vt = tl.load(v + (row * H + h) * DV + ov, mask=mv, other=0).to(ACC)
+        S = g * S + kt[:, None] * kt[None, :]
+        sq = tl.sum(S * qt[None, :], 1)                     # S_t q_t
+        X = g * g * X + sq[:, None] * vt[None, :]
+        ot = tl.sum(qt[:, None] * X, 0)
+        if NORMALIZE:
+            X1 = g * g * X1 + sq
+            ot = ot / (tl.sum(qt * X1, 0) + eps)
+        tl.store(o + (row * H + h) * DV + ov, ot.to(o.dtype.element_ty), mask=mv)
+    if STORE_FINAL:
+        if iv == 0:
+            tl.store(st_kk + sbase * D * D + ok[:, None] * D + ok[None, :], S.to(st_kk.dtype.element_ty),
+                     mask=mk[:, None] & mk[None, :])
+            if NORMALIZE:
+                tl.store(st_x1 + sbase * D + ok, X1.to(st_x1.dtype.element_ty), mask=mk)
+        tl.store(st_x + sbase * D * DV + ok[:, None] * DV + ov[None, :], X.to(st_x.dtype.element_ty),
+                 mask=mk[:, None] & mv[None, :])
+
+
+def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
+         cu_seqlens, check_finite, block_v, num_warps, num_stages):
+    p = prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite)
+    B, T, H, d, dv, N, sdt = p["B"], p["T"], p["H"], p["d"], p["dv"], p["N"], p["sdt"]
+    dev = q.device
+    BK, BV = block_sizes(d, dv, block_v)
+    if initial_state is not None:
+        st = check_state(initial_state, HLA2State,
+                         {"KK": (N, H, d, d), "KK_QV": (N, H, d, dv), "KK_Q1": (N, H, d, 1)},
+                         normalize, dev, sdt)
+        s0 = (st["KK"], st["KK_QV"], st["KK_Q1"] if normalize else st["KK"])
+    else:
+        s0 = (p["q"], p["q"], p["q"])  # dummies, never read (HAS_INIT=False)
+    o = torch.empty((B, T, H, dv), dtype=q.dtype, device=dev)
+    if output_final_state:
+        fin = HLA2State(torch.empty((N, H, d, d), dtype=sdt, device=dev),
+                        torch.empty((N, H, d, dv), dtype=sdt, device=dev),
+                        torch.empty((N, H, d, 1), dtype=sdt, device=dev) if normalize else None)
+        stp = (fin.KK, fin.KK_QV, fin.KK_Q1 if normalize else fin.KK)
+    else:
+        fin = None
+        stp = (o, o, o)
+    cu = p["cu"] if p["cu"] is not None else o  # dummy pointer when not varlen
+    grid = (triton.cdiv(dv, BV), N * H)
+    acc = tl_dtype(sdt)
+    common = dict(T=T, H=H, D=d, DV=dv, BK=BK, BV=BV, NORMALIZE=bool(normalize),
+                  HAS_INIT=initial_state is not None, STORE_FINAL=bool(output_final_state),
+                  VARLEN=p["cu"] is not None, ACC=acc)
+    launch = {}
+    if num_warps is not None:
+        launch["num_warps"] = num_warps
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
+    if mode == "chunk":
+        prec = "ieee"  # fp32 operands: full IEEE products, not TF32 (bf16/fp16/fp64 ignore it)
+        _hla2_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], *s0, *stp, cu, float(eps),
+                                 C=chunk_size, DOT=dot_dtype(q.dtype), PREC=prec, **common, **launch)
+    else:
+        _hla2_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, float(eps),
+                                     **common, **launch)
+    return o, fin
+
+
+def chunk_hla2(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
+               output_final_state=False, cu_seqlens=None, check_finite=True,
+               block_v=None, num_warps=None, num_stages=None):
+    """Chunked HLA2 forward. Returns (o [B,T,H,dv], HLA2State or None).
+
+    gamma: None (no decay), float in (0, 1], or tensor [H]. check_finite=False skips the
+    NaN/Inf scan of the inputs (one pass over q, k, v plus a host sync). block_v,
+    num_warps, num_stages are launch knobs (value-column block, Triton launch options).
+    """
+    return _run("chunk", q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
+                cu_seqlens, check_finite, block_v, num_warps, num_stages)
+
+
+def fused_recurrent_hla2(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64,
+                         initial_state=None, output_final_state=False, cu_seqlens=None,
+                         check_finite=True, block_v=None, num_warps=None, num_stages=None):
+    """Token-by-token HLA2 forward (same contract as chunk_hla2; chunk_size is only checked)."""
+    return _run("recurrent", q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
+                cu_seqlens, check_finite, block_v, num_warps, num_stages)
