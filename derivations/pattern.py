@@ -1,0 +1,279 @@
+"""`Pattern`: an operator written as one index-pattern sum.
+
+    o_t = Σ_{indices satisfying `where`} γ^{decay} · (product of dot(x_a, y_b)) · v_c
+
+The product of dot scalars is regrouped into a *chain* of token-local factors read
+from the output token t to the value: q_tᵀ (k_i k_iᵀ)(q_j v_jᵀ) for HLA2. Each
+visit of the chain to an index contributes one factor `(in)(out)ᵀ`; the factor
+types ('kk', 'qv', ...) are the letters the rest of the engine works with.
+Replacing `v_c` by the scalar 1 gives the normalizing denominator (factor 'q1').
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import sympy
+
+VECTORS = ("q", "k", "v")
+_VEC = re.compile(r"^\s*([qkv])_([A-Za-z][A-Za-z0-9]*)\s*$")
+_DOT = re.compile(r"^\s*dot\s*\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*\)\s*$")
+_CMP = re.compile(r"(<=|>=|==|<|>)")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
+
+
+class PatternError(ValueError):
+    """A pattern string that does not describe a causal chain operator."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """`a op b` with op in '<=', '<', '=='; a, b are index names or 't'."""
+    a: str
+    op: str
+    b: str
+
+    def __str__(self) -> str:
+        return f"{self.a} {self.op} {self.b}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One chain factor: token `var` contributes the outer product in_vec out_vecᵀ."""
+    in_vec: str
+    out_vec: str  # 'q', 'k', 'v' or '1' (denominator)
+    var: str
+
+    @property
+    def factor(self) -> str:
+        return self.in_vec + self.out_vec
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise PatternError(f"expr: unbalanced ')' in {text!r}")
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise PatternError(f"expr: unbalanced '(' in {text!r}")
+    parts.append("".join(cur))
+    return parts
+
+
+def _vec(token: str, where: str) -> tuple[str, str]:
+    m = _VEC.match(token)
+    if not m:
+        raise PatternError(
+            f"expr: expected a vector like q_i, k_j or v_j in {where}, got {token.strip()!r}")
+    return m.group(1), m.group(2)
+
+
+def parse_where(where: str, indices: set[str]) -> list[Constraint]:
+    """Conjunction of (chained) comparisons; clauses separated by ',' or 'and'."""
+    out: list[Constraint] = []
+    if where is None or not where.strip():
+        return out
+    clauses = [c for part in where.split(",") for c in re.split(r"\band\b", part)]
+    for clause in clauses:
+        if not clause.strip():
+            raise PatternError(f"where: empty clause in {where!r}")
+        pieces = [p.strip() for p in _CMP.split(clause)]
+        if len(pieces) < 3 or len(pieces) % 2 == 0:
+            raise PatternError(f"where: expected comparisons like 'i <= j <= t', got {clause.strip()!r}")
+        names, ops = pieces[0::2], pieces[1::2]
+        for n in names:
+            if not _NAME.match(n):
+                raise PatternError(f"where: {n!r} is not an index name (in {clause.strip()!r})")
+            if n != "t" and n not in indices:
+                raise PatternError(f"where: index {n!r} does not occur in the expression")
+        for a, op, b in zip(names, ops, names[1:]):
+            if op == ">=":
+                a, op, b = b, "<=", a
+            elif op == ">":
+                a, op, b = b, "<", a
+            out.append(Constraint(a, op, b))
+    return out
+
+
+def parse_decay(decay: str, indices: list[str]) -> dict[str, Fraction]:
+    """Exponent of γ, linear in the indices and depending only on differences.
+
+    Returned as coefficients c_x with exponent = Σ c_x (t − x)."""
+    if decay is None or not str(decay).strip():
+        return {x: Fraction(0) for x in indices}
+    syms = {n: sympy.Symbol(n) for n in indices + ["t"]}
+    try:
+        expr = sympy.sympify(decay, locals=syms, rational=True)
+    except (sympy.SympifyError, SyntaxError, TypeError) as exc:
+        raise PatternError(f"decay: cannot parse {decay!r}: {exc}") from None
+    extra = {str(s) for s in expr.free_symbols} - set(syms)
+    if extra:
+        raise PatternError(f"decay: unknown index {sorted(extra)} in {decay!r}")
+    try:
+        poly = sympy.Poly(expr, *syms.values())
+    except sympy.PolynomialError:
+        raise PatternError(f"decay: must be linear in the indices, got {decay!r}") from None
+    if poly.total_degree() > 1:
+        raise PatternError(f"decay: must be linear in the indices, got {decay!r}")
+    coeff = {n: Fraction(str(poly.coeff_monomial(s))) for n, s in syms.items()}
+    const = Fraction(str(poly.coeff_monomial(1)))
+    if const != 0 or sum(coeff.values()) != 0:
+        raise PatternError(
+            f"decay: must be a combination of differences (t − x), e.g. '(t-i)+(t-j)'; got {decay!r}")
+    out = {x: -coeff[x] for x in indices}
+    for x, c in out.items():
+        if c < 0:
+            raise PatternError(f"decay: index {x} has a negative weight in {decay!r}; "
+                               "every γ exponent must be ≥ 0")
+    return out
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """An operator as an index-pattern sum. See the module docstring."""
+    expr: str
+    where: str = ""
+    decay: str = ""
+    name: str = ""
+    # Derived by __post_init__:
+    t_vec: str = field(init=False)
+    slots: tuple = field(init=False)
+    constraints: tuple = field(init=False)
+    decay_coeffs: tuple = field(init=False)
+
+    def __post_init__(self):
+        if not isinstance(self.expr, str) or not self.expr.strip():
+            raise PatternError("expr: expected a non-empty string such as "
+                               "'dot(q_t,k_i) * dot(k_i,q_j) * v_j'")
+        for arg in ("where", "decay"):
+            if getattr(self, arg) is not None and not isinstance(getattr(self, arg), str):
+                raise PatternError(f"{arg}: expected a string, got {type(getattr(self, arg)).__name__}")
+        t_vec, slots = _parse_chain(self.expr)
+        indices = []
+        for s in slots:
+            if s.var not in indices:
+                indices.append(s.var)
+        cons = parse_where(self.where or "", set(indices))
+        _check_causal(indices, cons)
+        coeffs = parse_decay(self.decay or "", indices)
+        object.__setattr__(self, "t_vec", t_vec)
+        object.__setattr__(self, "slots", tuple(slots))
+        object.__setattr__(self, "constraints", tuple(cons))
+        object.__setattr__(self, "decay_coeffs", tuple(sorted(coeffs.items())))
+
+    @property
+    def indices(self) -> list[str]:
+        out = []
+        for s in self.slots:
+            if s.var not in out:
+                out.append(s.var)
+        return out
+
+    @property
+    def has_decay(self) -> bool:
+        return any(c != 0 for _, c in self.decay_coeffs)
+
+    def without_decay(self) -> "Pattern":
+        return Pattern(self.expr, self.where, "", self.name)
+
+    def denominator(self) -> "Pattern":
+        """The same sum with the value row replaced by the scalar 1."""
+        last = self.slots[-1]
+        expr = re.sub(rf"\bv_{last.var}\b", f"1_{last.var}", self.expr)
+        return Pattern(expr, self.where, self.decay, self.name)
+
+    def __str__(self) -> str:
+        parts = [f"o_t = Σ [{self.where or 'all ≤ t'}]"]
+        if self.has_decay:
+            parts.append(f"γ^({self.decay})")
+        parts.append(self.expr)
+        return " ".join(parts)
+
+
+def _parse_chain(expr: str) -> tuple[str, list[Slot]]:
+    dots: list[tuple[tuple[str, str], tuple[str, str]]] = []
+    value: tuple[str, str] | None = None
+    for raw in _split_top(expr, "*"):
+        tok = raw.strip()
+        if not tok:
+            raise PatternError(f"expr: empty factor in {expr!r}")
+        m = _DOT.match(tok)
+        if m:
+            a, b = _vec(m.group(1), tok), _vec(m.group(2), tok)
+            for vec in (a, b):
+                if vec[0] == "v":
+                    raise PatternError(f"expr: v may only appear as the value row, not inside {tok!r}")
+            dots.append((a, b))
+            continue
+        m1 = re.match(r"^1_([A-Za-z][A-Za-z0-9]*)$", tok)
+        if m1:
+            vec = ("1", m1.group(1))
+        else:
+            vec = _vec(tok, "the value row")
+            if vec[0] != "v":
+                raise PatternError(f"expr: a bare factor must be the value row v_c, got {tok!r}")
+        if value is not None:
+            raise PatternError(f"expr: exactly one value row v_c is allowed, found a second {tok!r}")
+        value = vec
+    if value is None:
+        raise PatternError(f"expr: no value row v_c in {expr!r}")
+    if not dots:
+        raise PatternError(f"expr: at least one dot(x_a, y_b) factor is needed in {expr!r}")
+    if value[1] == "t":
+        raise PatternError("expr: the value row must belong to a summed index, not t")
+    t_occ = [(n, side) for n, d in enumerate(dots) for side in (0, 1) if d[side][1] == "t"]
+    if len(t_occ) != 1:
+        raise PatternError(f"expr: the output index t must occur exactly once (in the first dot of "
+                           f"the chain); it occurs {len(t_occ)} times in {expr!r}")
+    used = [False] * len(dots)
+    n, side = t_occ[0]
+    t_vec = dots[n][side][0]
+    slots: list[Slot] = []
+    cur_dot, cur_side = n, 1 - side
+    while True:
+        used[cur_dot] = True
+        in_vec, idx = dots[cur_dot][cur_side]
+        nxt = next(((m, s) for m, d in enumerate(dots) if not used[m]
+                    for s in (0, 1) if d[s][1] == idx), None)
+        if nxt is not None:
+            m, s = nxt
+            slots.append(Slot(in_vec, dots[m][s][0], idx))
+            cur_dot, cur_side = m, 1 - s
+            continue
+        if value[1] != idx:
+            raise PatternError(f"expr: the chain from t stops at index {idx!r}, which has no further "
+                               f"dot and is not the value index {value[1]!r}")
+        slots.append(Slot(in_vec, value[0], idx))
+        break
+    if not all(used):
+        raise PatternError(f"expr: the dots do not form one chain from t to v_{value[1]} in {expr!r}")
+    return t_vec, slots
+
+
+def _check_causal(indices: list[str], cons: list[Constraint]) -> None:
+    """Every index must be forced ≤ t, otherwise the operator reads the future."""
+    reach = {x: set() for x in indices + ["t"]}
+    for c in cons:
+        reach[c.a].add(c.b)
+        if c.op == "==":
+            reach[c.b].add(c.a)
+    for x in indices:
+        seen, stack = {x}, [x]
+        while stack:
+            for y in reach[stack.pop()]:
+                if y not in seen:
+                    seen.add(y)
+                    stack.append(y)
+        if "t" not in seen:
+            raise PatternError(f"where: index {x!r} is not bounded by t (add e.g. '{x} <= t'); "
+                               "the operator would not be causal")
