@@ -130,13 +130,19 @@ def combine_segments(formulas: dict, left: Segment, right: Segment) -> Segment:
     rho_a = sympy.Symbol("rho_A", positive=True)
     rho_b = sympy.Symbol("rho_B", positive=True)
 
+    cache = {}
+
     def read(name, fillers):
+        key = (name, tuple(fillers))
+        if key in cache:
+            return cache[key]
         alg = SympyAlgebra(
             ref=lambda seg, n, f: (left if seg == "A" else right).read(n, f),
             tok=lambda f: (_ for _ in ()).throw(ValueError("token in a segment combine")),
             coef=lambda c: sympy.sympify(c).subs({rho_a: left.rho, rho_b: right.rho}),
         )
-        return sympy.expand(evaluate(formulas[name], alg, tuple(fillers)))
+        cache[key] = sympy.expand(evaluate(formulas[name], alg, tuple(fillers)))
+        return cache[key]
 
     return Segment(read, sympy.expand(left.rho * right.rho))
 
