@@ -1,0 +1,286 @@
+"""Drivers for generated reference modules: backends, loops, normalization, state.
+
+A generated module (hla_core/generated/<op>.py, or one built in memory by
+`Derivation.reference`) supplies only what the derivation produced: for the
+numerator and denominator, the streaming update, the readout, the combine ⊕,
+and each summary's index pattern. The loops over tokens and chunks, the
+backend (float64 or mpmath) and the checks live here, once.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+
+import mpmath
+import numpy as np
+
+from . import validation as V
+
+
+# ---------------------------------------------------------------------------
+# Backends: numpy float64, or numpy object arrays of mpmath numbers.
+
+class Backend:
+    def __init__(self, name: str, dps: int = 50):
+        self.name, self.dps = name, dps
+
+    @property
+    def exact(self) -> bool:
+        return self.name == "mpmath"
+
+    def array(self, x):
+        x = np.asarray(x)
+        if self.exact:
+            return np.vectorize(lambda e: mpmath.mpf(e) if not isinstance(e, mpmath.mpf) else e,
+                                otypes=[object])(x) if x.size else x.astype(object)
+        return x.astype(np.float64)
+
+    def scalar(self, x):
+        if self.exact:
+            if hasattr(x, "numerator") and hasattr(x, "denominator") and not isinstance(x, float):
+                return mpmath.mpf(x.numerator) / x.denominator
+            return mpmath.mpf(x)
+        return float(x)
+
+    def zeros(self, shape):
+        z = np.zeros(shape)
+        return self.array(z) if self.exact else z
+
+    def ones(self, shape):
+        o = np.ones(shape)
+        return self.array(o) if self.exact else o
+
+    def context(self):
+        return mpmath.workdps(self.dps) if self.exact else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------
+# Index-pattern sums evaluated directly (quadratic form, local chunk summaries).
+
+@dataclass(frozen=True)
+class Spec:
+    """A summary's pattern: slots ((in, out, var) or None for a hole), relations
+    ((a, op, b) with vars as ints and 'end'), decay ((var, c), ...)."""
+    slots: tuple
+    rels: tuple
+    decay: tuple
+
+    @property
+    def nvars(self) -> int:
+        return 1 + max(s[2] for s in self.slots if s is not None)
+
+    def chunks(self):
+        out, cur = [], []
+        for s in self.slots:
+            if s is None:
+                out.append(cur)
+                cur = []
+            else:
+                cur.append(s)
+        out.append(cur)
+        return out
+
+
+def _vec(name, q, k, v, be):
+    if name == "1":
+        return be.ones((q.shape[0], 1))
+    return {"q": q, "k": k, "v": v}[name]
+
+
+def masked_sum(spec: Spec, q, k, v, gamma, be: Backend, per_t: bool, t_vec: str | None = None):
+    """Σ over index tuples of the segment (all of q, k, v) of γ-weighted chains.
+
+    per_t: value at every prefix end t (leading axis T), else only at the end.
+    t_vec: contract the leading row with that vector of token t (the output form).
+    Holed specs give the dense map with axes (r0, c0, r1, c1, ...).
+    """
+    n = q.shape[0]
+    m = spec.nvars
+    idx = np.arange(n)
+    shape = [n] * (m + 1)
+
+    def axis(j):  # j = -1 for t, else var j
+        s = [1] * (m + 1)
+        s[j + 1] = n
+        return idx.reshape(s)
+
+    tt = axis(-1) if per_t else np.full([1] * (m + 1), n - 1)
+    mask = np.ones(shape, dtype=bool)
+    for j in range(m):
+        mask &= np.broadcast_to(axis(j) <= tt, shape)
+    for a, op, b in spec.rels:
+        A = tt if a == "end" else axis(a)
+        B = tt if b == "end" else axis(b)
+        mask &= np.broadcast_to({"<=": A <= B, "<": A < B, "==": A == B}[op], shape)
+    expo = np.zeros(shape, dtype=object if be.exact else np.float64)
+    for j, c in spec.decay:
+        expo = expo + be.scalar(c) * (tt - axis(j))
+    if be.exact:
+        g = be.scalar(gamma)
+        W = np.where(mask, np.vectorize(lambda e: g ** e, otypes=[object])(expo), mpmath.mpf(0))
+    else:
+        W = np.where(mask, float(gamma) ** expo, 0.0)
+    if not per_t:
+        W = W[-1]
+    letters = iter("abcdefghijklmnopqrsuwxyz")
+    vl = [next(letters) for _ in range(m)]
+    tl = "t" if per_t else ""
+    ops, subs, out = [W], [tl + "".join(vl)], tl
+    for n_chunk, chunk in enumerate(spec.chunks()):
+        first, last = chunk[0], chunk[-1]
+        if t_vec is not None and n_chunk == 0:
+            if not per_t:
+                raise ValueError("t_vec needs per_t")
+            ops.append(_vec(t_vec, q, k, v, be) @ _vec(first[0], q, k, v, be).T)
+            subs.append("t" + vl[first[2]])
+        else:
+            r = next(letters)
+            ops.append(_vec(first[0], q, k, v, be))
+            subs.append(vl[first[2]] + r)
+            out += r
+        for a, b in zip(chunk, chunk[1:]):
+            ops.append(_vec(a[1], q, k, v, be) @ _vec(b[0], q, k, v, be).T)
+            subs.append(vl[a[2]] + vl[b[2]])
+        c = next(letters)
+        ops.append(_vec(last[1], q, k, v, be))
+        subs.append(vl[last[2]] + c)
+        out += c
+    expr = ",".join(subs) + "->" + out
+    if be.exact:
+        return np.einsum(expr, *ops)
+    return np.einsum(expr, *ops, optimize="greedy")
+
+
+def apply(tensor, fillers):
+    """Apply a dense multilinear map (axes r0, c0, ..., rh, ch; leading batch axes
+    allowed) to its hole fillers Z_1..Z_h (Z_k joins c_{k-1} to r_k)."""
+    h = len(fillers)
+    ax = "abcdefghijklmnopqrstuvwxyz"[: 2 * h + 2]
+    ops = ["..." + ax] + ["..." + ax[2 * k + 1] + ax[2 * k + 2] for k in range(h)]
+    return np.einsum(",".join(ops) + "->..." + ax[0] + ax[-1], tensor, *fillers)
+
+
+def token_factors(names, q, k, v, t, be):
+    out = {}
+    for f in names:
+        a = _vec(f[0], q, k, v, be)[t]
+        b = _vec(f[1], q, k, v, be)[t]
+        out[f] = np.multiply.outer(a, b)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Drivers
+
+def _dims(d, dv):
+    return {"d": d, "dv": dv, "1": 1}
+
+
+def state_shapes(part, d, dv) -> dict:
+    dims = _dims(d, dv)
+    return {name: tuple(dims[x] for x in shp) for name, shp in part["state"].items()}
+
+
+def carry_shapes(part, d, dv) -> dict:
+    dims = _dims(d, dv)
+    return {name: tuple(dims[x] for x in shp) for name, shp in part["carry"].items()}
+
+
+def _parts(mod, normalize):
+    return [("num", mod.NUM)] + ([("den", mod.DEN)] if normalize else [])
+
+
+def _merge_shapes(mod, normalize, d, dv, which):
+    shapes = {}
+    for _, part in _parts(mod, normalize):
+        shapes.update((state_shapes if which == "state" else carry_shapes)(part, d, dv))
+    return shapes
+
+
+def _init(mod, normalize, d, dv, initial_state, be, which):
+    shapes = _merge_shapes(mod, normalize, d, dv, which)
+    if initial_state is None:
+        return {n: be.zeros(s) for n, s in shapes.items()}
+    st = V.check_state(initial_state, shapes)
+    return {n: be.array(a) for n, a in st.items()}
+
+
+def _finish(o_num, o_den, eps, be):
+    if o_den is None:
+        return o_num
+    return o_num / (o_den + be.scalar(eps))
+
+
+def evaluate(mod, q, k, v, *, form="recurrent", gamma=1.0, normalize=False, eps=1e-6,
+             chunk_size=16, backend="numpy", dps=50, initial_state=None, return_state=False):
+    """Run a generated reference module. Single head: q, k (T, d), v (T, dv)."""
+    V.check_options(normalize, eps, chunk_size, form, backend, dps)
+    q, k, v = V.check_qkv(q, k, v)
+    V.check_gamma(gamma, mod.HAS_DECAY)
+    if not isinstance(return_state, (bool, np.bool_)):
+        raise TypeError(f"return_state: expected True or False, got {return_state!r}")
+    be = Backend(backend, dps)
+    with be.context():
+        qq, kk, vv = be.array(q), be.array(k), be.array(v)
+        g = be.scalar(gamma)
+        run = {"quadratic": _quadratic, "recurrent": _recurrent, "chunked": _chunked}[form]
+        o, state = run(mod, qq, kk, vv, g, normalize, eps, chunk_size, initial_state, be)
+    return (o, state) if return_state else o
+
+
+def _quadratic(mod, q, k, v, g, normalize, eps, chunk_size, initial_state, be):
+    if initial_state is not None:
+        raise ValueError("initial_state: the quadratic form starts from the empty prefix; "
+                         "use form='recurrent' or form='chunked' to continue a state")
+    outs = {}
+    state = {}
+    for key, part in _parts(mod, normalize):
+        outs[key] = masked_sum(part["top"], q, k, v, g, be, per_t=True, t_vec=mod.T_VEC)
+        for name in part["state"]:
+            state[name] = masked_sum(part["specs"][name], q, k, v, g, be, per_t=False)
+    return _finish(outs["num"], outs.get("den"), eps, be), state
+
+
+def _recurrent(mod, q, k, v, g, normalize, eps, chunk_size, initial_state, be):
+    T, d, dv = q.shape[0], q.shape[1], v.shape[1]
+    state = _init(mod, normalize, d, dv, initial_state, be, "state")
+    parts = _parts(mod, normalize)
+    outs = {key: [] for key, _ in parts}
+    tv = {"q": q, "k": k}[mod.T_VEC]
+    for t in range(T):
+        new = {}
+        for key, part in parts:
+            F = token_factors(part["factors"], q, k, v, t, be)
+            new.update(part["update"](state, F, g))
+        state = new
+        for key, part in parts:
+            outs[key].append(tv[t] @ part["readout"](state))
+    o = _finish(np.stack(outs["num"]), np.stack(outs["den"]) if "den" in outs else None, eps, be)
+    return o, state
+
+
+def _chunked(mod, q, k, v, g, normalize, eps, chunk_size, initial_state, be):
+    """Exclusive scan over chunks with ⊕, then local inclusion inside each chunk."""
+    T, d, dv = q.shape[0], q.shape[1], v.shape[1]
+    carry = _init(mod, normalize, d, dv, initial_state, be, "carry")
+    parts = _parts(mod, normalize)
+    tv = {"q": q, "k": k}[mod.T_VEC]
+    outs = {key: [] for key, _ in parts}
+    for lo in range(0, T, chunk_size):
+        hi = min(T, lo + chunk_size)
+        n = hi - lo
+        new_carry = {}
+        for key, part in parts:
+            local = {name: masked_sum(part["specs"][name], q[lo:hi], k[lo:hi], v[lo:hi], g, be,
+                                      per_t=True) for name in part["local"]}
+            rho = np.array([g ** (j + 1) for j in range(n)], dtype=object if be.exact else np.float64)
+            inclusive = part["combine"](carry, local, rho.reshape(n, 1, 1))
+            X = part["readout"](inclusive)
+            outs[key].append(np.einsum("ta,tab->tb", tv[lo:hi], X))
+            total = {name: val[-1] for name, val in local.items()}
+            new_carry.update(part["combine"](carry, total, g ** n))
+        carry = new_carry
+    o = _finish(np.concatenate(outs["num"]), np.concatenate(outs["den"]) if "den" in outs else None,
+                eps, be)
+    return o, carry
