@@ -109,8 +109,10 @@ def _zs(n: int) -> tuple:
     return tuple(nc_symbol(f"Z{k + 1}") for k in range(n))
 
 
-def synthesize(p: Pattern) -> Synthesis:
-    namer = Namer()
+def synthesize(p: Pattern, namer: Namer | None = None) -> Synthesis:
+    """Derive readout, streaming state, summaries and ⊕ for one pattern. A shared
+    `namer` gives equal summaries of two patterns (numerator, denominator) one name."""
+    namer = namer or Namer()
     top, readout = top_readout(p, namer)
     start = list(dict.fromkeys(refs_in([Term(sympy.Integer(1), readout)])))
     stream = closure(start, namer, one_token=True, sides=("A",))
@@ -165,7 +167,7 @@ def derive(pattern: Pattern, *, prove: bool = True, definition=None, exact_T: in
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern: expected a derivations.Pattern, got {type(pattern).__name__}")
     num = synthesize(pattern)
-    den = synthesize(pattern.denominator())
+    den = synthesize(pattern.denominator(), namer=num.namer)
     d = Derivation(pattern, num, den, definition=definition)
     if prove:
         from .proofs import prove_all

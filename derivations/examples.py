@@ -1,0 +1,2 @@
+def example_docs(progress=print):
+    return {}
