@@ -26,7 +26,7 @@ from ._common import (AHLAState, block_sizes, check_state, dot_dtype, prepare, t
 
 @triton.jit
 def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, st_e, st_p1, st_e1, cu, eps,
-                       T, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                       T, H, D, DV,
                        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                        NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
                        VARLEN: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
@@ -74,8 +74,8 @@ def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, st
         vd = vb.to(DOT)
         Lf = Lc.to(ACC)
         b = tl.where(mr, tl.exp2(lg * (rf + 1)), 0)                       # g^(r+1)
-        gk = tl.where(mr, tl.exp2(lg * (Lf - 1 - rf)), 0)                 # g^(Lc-1-j)
-        Dw = tl.where(c2 <= r2, tl.exp2(lg * (r2 - c2).to(ACC)), 0)       # g^(r-i), i<=r
+        gk = tl.where(mr, tl.exp2(lg * tl.maximum(Lf - 1 - rf, 0)), 0)                 # g^(Lc-1-j)
+        Dw = tl.where(c2 <= r2, tl.exp2(lg * tl.maximum(r2 - c2, 0).to(ACC)), 0)       # g^(r-i), i<=r
         gC = tl.exp2(lg * Lf)
 
         W = tl.dot(qd, tl.trans(kd), input_precision=PREC, out_dtype=ACC)
@@ -118,7 +118,7 @@ def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, st
 
 @triton.jit
 def _ahla_recurrent_kernel(q, k, v, o, gam_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, st_e, st_p1, st_e1, cu, eps,
-                           T, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                           T, H, D, DV,
                            BK: tl.constexpr, BV: tl.constexpr,
                            NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
                            VARLEN: tl.constexpr, ACC: tl.constexpr):

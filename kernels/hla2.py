@@ -30,7 +30,7 @@ from ._common import (HLA2State, block_sizes, check_state, dot_dtype, prepare, t
 
 @triton.jit
 def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, st_x1, cu, eps,
-                       T, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                       T, H, D, DV,
                        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                        NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
                        VARLEN: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
@@ -80,13 +80,13 @@ def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, s
         # decay factors, all exp2 of a non-negative multiple of -log2 g, zero where masked
         b = tl.where(mr, tl.exp2(lg * (rf + 1)), 0)                      # g^(r+1)
         low = (c2 <= r2) & (r2 < Lc)
-        D1 = tl.where(low, tl.exp2(lg * (2 * r2 - c2 + 1).to(ACC)), 0)   # g^(2r-j+1), j<=r
-        D2 = tl.where(low, tl.exp2(lg * (2 * (r2 - c2)).to(ACC)), 0)     # g^(2(r-j)),  j<=r
-        Dw = tl.where(c2 <= r2, tl.exp2(lg * (r2 - c2).to(ACC)), 0)      # g^(j-i), i<=j (rows j)
-        e = tl.where(mr, tl.exp2(lg * (2 * Lf - 1 - rf)), 0)             # g^(2Lc-1-j)
-        gk = tl.where(mr, tl.exp2(lg * (Lf - 1 - rf)), 0)                # g^(Lc-1-i)
+        D1 = tl.where(low, tl.exp2(lg * tl.maximum(2 * r2 - c2 + 1, 0).to(ACC)), 0)   # g^(2r-j+1), j<=r
+        D2 = tl.where(low, tl.exp2(lg * tl.maximum(2 * (r2 - c2), 0).to(ACC)), 0)     # g^(2(r-j)),  j<=r
+        Dw = tl.where(c2 <= r2, tl.exp2(lg * tl.maximum(r2 - c2, 0).to(ACC)), 0)      # g^(j-i), i<=j (rows j)
+        e = tl.where(mr, tl.exp2(lg * tl.maximum(2 * Lf - 1 - rf, 0)), 0)             # g^(2Lc-1-j)
+        gk = tl.where(mr, tl.exp2(lg * tl.maximum(Lf - 1 - rf, 0)), 0)                # g^(Lc-1-i)
         DU = tl.where((r2 <= c2) & (c2 < Lc),
-                      tl.exp2(lg * (2 * Lf - 2 - (r2 + c2).to(ACC))), 0)  # g^((Lc-1-i)+(Lc-1-j)), i<=j
+                      tl.exp2(lg * tl.maximum(2 * Lf - 2 - (r2 + c2).to(ACC), 0)), 0)  # g^((Lc-1-i)+(Lc-1-j)), i<=j
         gC = tl.exp2(lg * Lf)                                             # g^Lc
 
         W = tl.dot(qd, tl.trans(kd), input_precision=PREC, out_dtype=ACC)       # W[r,i] = q_r.k_i
@@ -129,7 +129,7 @@ def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, s
 
 @triton.jit
 def _hla2_recurrent_kernel(q, k, v, o, gam_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, st_x1, cu, eps,
-                           T, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                           T, H, D, DV,
                            BK: tl.constexpr, BV: tl.constexpr,
                            NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
                            VARLEN: tl.constexpr, ACC: tl.constexpr):

@@ -1,0 +1,215 @@
+"""Benchmark: HLA kernels vs first-order fla, SDPA and a plain-PyTorch chunked HLA2.
+
+    python -m kernels.bench [--out DIR] [--quick]
+
+bf16 inputs, B=4, H=16, T in {4096, 16384}, d = dv in {64, 128}, decay gamma = 0.99
+(every method that takes a decay gets it). Times are medians of
+triton.testing.do_bench (CUDA events, warm-up first). TFLOP/s are on *counted*
+algorithmic FLOPs (formulas in flops_*; causal halves are not counted twice, redundant
+recomputation inside a kernel is not counted). Prints progress, then a short table;
+writes bench.json and bench.png into --out (default docs/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+B, H, GAMMA, C = 4, 16, 0.99, 64
+SHAPES = [(4096, 64), (16384, 64), (4096, 128), (16384, 128)]
+
+
+def flops_sdpa(T, d):        # causal: QK^T and PV, half of each
+    return B * H * 2 * T * T * d
+
+
+def flops_simple_gla(T, d):  # per token: state update + inter-chunk output 4 d dv, intra 2C(d + dv)
+    return B * H * T * (4 * d * d + 2 * C * (d + d))
+
+
+def flops_hla2(T, d, dv=None):
+    """Per chunk: W 2C^2d, W Wd^T 2C^3, Q S0 2Cd^2, (QS0)Q^T 2C^2d, Q X0 2Cd dv, A V 2C^2dv,
+    M 2Cd dv, U V 2C^2 dv, S0 M 2d^2 dv, K^T(UV) 2Cd dv, K^T K 2Cd^2."""
+    dv = dv or d
+    per_chunk = 4 * C * C * d + 2 * C ** 3 + 4 * C * d * d + 6 * C * d * dv + 4 * C * C * dv + 2 * d * d * dv
+    return B * H * (T / C) * per_chunk
+
+
+def flops_ahla(T, d, dv=None):
+    """Per chunk: W 2C^2d; Q P0, Q E0, K^T(QP0), (Kg)^T(WdV), (Kg)^T V: 10Cd dv;
+    Wd V, Wl (QP0), Wd (WdV): 6C^2 dv."""
+    dv = dv or d
+    return B * H * (T / C) * (2 * C * C * d + 10 * C * d * dv + 6 * C * C * dv)
+
+
+def torch_chunked_hla2(q, k, v, gamma, chunk=C):
+    """Plain-PyTorch chunked HLA2 (batched matmuls, fp32 state, bf16 operands like the kernel).
+
+    Same chunk algebra as kernels/hla2.py: local C x C weights for all chunks at once,
+    then a Python loop over chunks for the carried S (d x d) and X (d x dv).
+    """
+    Bq, T, Hq, d = q.shape
+    dv = v.shape[-1]
+    assert T % chunk == 0
+    N = T // chunk
+    dt = q.dtype
+    f = lambda x: x.view(Bq, N, chunk, Hq, x.shape[-1]).permute(0, 3, 1, 2, 4)  # noqa: E731  [B,H,N,C,*]
+    Q, K, V = f(q), f(k), f(v)
+    r = torch.arange(chunk, device=q.device, dtype=torch.float32)
+    lg = math.log(gamma)
+    rr, cc = r[:, None], r[None, :]
+    low = cc <= rr
+    D1 = torch.where(low, torch.exp(lg * (2 * rr - cc + 1)), 0.0)
+    D2 = torch.where(low, torch.exp(lg * 2 * (rr - cc)), 0.0)
+    Dw = torch.where(low, torch.exp(lg * (rr - cc)), 0.0)
+    DU = torch.where(rr <= cc, torch.exp(lg * (2 * chunk - 2 - rr - cc)), 0.0)
+    b2 = torch.exp(lg * 2 * (r + 1))[:, None]
+    e = torch.exp(lg * (2 * chunk - 1 - r))[:, None]
+    gk = torch.exp(lg * (chunk - 1 - r))[:, None]
+    gC = gamma ** chunk
+    W = (Q @ K.transpose(-1, -2)).float()                                  # [B,H,N,C,C]
+    A3 = ((W.to(dt) @ (W * Dw).to(dt).transpose(-1, -2)).float() * D2)
+    M = ((Q.float() * e).to(dt).transpose(-1, -2) @ V).float()            # [B,H,N,d,dv]
+    UV = ((W.transpose(-1, -2) * DU).to(dt) @ V).float()
+    KUV = (K.transpose(-1, -2) @ UV.to(dt)).float()
+    dS = ((K.float() * gk).to(dt).transpose(-1, -2) @ K).float()
+    S = torch.zeros(Bq, Hq, d, d, device=q.device)
+    X = torch.zeros(Bq, Hq, d, dv, device=q.device)
+    o = torch.empty(Bq, Hq, N, chunk, dv, device=q.device, dtype=dt)
+    for c in range(N):
+        Qc = Q[:, :, c]
+        QS = (Qc @ S.to(dt)).float()
+        A = A3[:, :, c] + (QS.to(dt) @ Qc.transpose(-1, -2)).float() * D1
+        o[:, :, c] = (b2 * (Qc @ X.to(dt)).float() + (A.to(dt) @ V[:, :, c]).float()).to(dt)
+        X = gC * gC * X + (S.to(dt) @ M[:, :, c].to(dt)).float() + KUV[:, :, c]
+        S = gC * S + dS[:, :, c]
+    return o.permute(0, 2, 3, 1, 4).reshape(Bq, T, Hq, dv)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="docs")
+    ap.add_argument("--quick", action="store_true", help="only (4096, 64)")
+    ap.add_argument("--block-v", type=int, default=None)
+    ap.add_argument("--num-warps", type=int, default=None)
+    ap.add_argument("--num-stages", type=int, default=None)
+    args = ap.parse_args(argv)
+    import triton
+    import kernels
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as exc:  # noqa: BLE001
+        print(f"[bench] fla not importable ({exc!r}); its column is skipped", flush=True)
+        chunk_simple_gla = None
+    dev = "cuda"
+    name = torch.cuda.get_device_name()
+    print(f"[bench] {name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    kw = dict(block_v=args.block_v, num_warps=args.num_warps, num_stages=args.num_stages)
+
+    # correctness spot check before timing: the bf16 kernel and the plain-torch version
+    # against the float64 kernel on the same (bf16-rounded) inputs
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, 1024, 2, 64, device=dev, generator=g, dtype=torch.bfloat16) * 0.125 for _ in range(3))
+    ref, _ = kernels.chunk_hla2(q.double(), k.double(), v.double(), gamma=GAMMA)
+    for nm, out in (("chunk_hla2", kernels.chunk_hla2(q, k, v, gamma=GAMMA, **kw)[0]),
+                    ("torch_chunked_hla2", torch_chunked_hla2(q, k, v, GAMMA))):
+        rel = ((out.double() - ref).norm() / ref.norm()).item()
+        print(f"[bench] check {nm} bf16 vs float64 kernel: rel err {rel:.2e}", flush=True)
+    refa, _ = kernels.chunk_ahla(q.double(), k.double(), v.double(), gamma=GAMMA)
+    rel = ((kernels.chunk_ahla(q, k, v, gamma=GAMMA, **kw)[0].double() - refa).norm() / refa.norm()).item()
+    print(f"[bench] check chunk_ahla bf16 vs float64 kernel: rel err {rel:.2e}", flush=True)
+
+    rows = []
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    for T, d in shapes:
+        gen = torch.Generator(device=dev).manual_seed(T + d)
+        q, k, v = (torch.randn(B, T, H, d, device=dev, generator=gen, dtype=torch.bfloat16) * d ** -0.5
+                   for _ in range(3))
+        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        glog = torch.full((H,), math.log(GAMMA), device=dev, dtype=torch.float32)
+        methods = {
+            "chunk_hla2": (lambda: kernels.chunk_hla2(q, k, v, gamma=GAMMA, check_finite=False, **kw),
+                           flops_hla2(T, d)),
+            "chunk_ahla": (lambda: kernels.chunk_ahla(q, k, v, gamma=GAMMA, check_finite=False, **kw),
+                           flops_ahla(T, d)),
+            "sdpa_causal": (lambda: sdpa(qh, kh, vh, is_causal=True), flops_sdpa(T, d)),
+            "torch_chunked_hla2": (lambda: torch_chunked_hla2(q, k, v, GAMMA), flops_hla2(T, d)),
+        }
+        if chunk_simple_gla is not None:
+            methods["fla_chunk_simple_gla"] = (lambda: chunk_simple_gla(q, k, v, g_gamma=glog),
+                                               flops_simple_gla(T, d))
+        for mname, (fn, fl) in methods.items():
+            t0 = time.time()
+            try:
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            except Exception as exc:  # noqa: BLE001
+                print(f"[bench] T={T} d={d} {mname}: FAILED {exc!r}", flush=True)
+                continue
+            rows.append(dict(T=T, d=d, method=mname, ms=ms, tflops=fl / ms / 1e9, flops=fl))
+            print(f"[bench] T={T:6d} d={d:4d} {mname:22s} {ms:8.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s "
+                  f"({time.time() - t0:.1f}s wall)", flush=True)
+        del q, k, v, qh, kh, vh
+        torch.cuda.empty_cache()
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as fh:
+        json.dump(dict(gpu=name, torch=torch.__version__, triton=triton.__version__, B=B, H=H, gamma=GAMMA,
+                       chunk=C, rows=rows), fh, indent=1)
+    print_table(rows)
+    try:
+        plot(rows, os.path.join(args.out, "bench.png"), name)
+    except Exception as exc:  # noqa: BLE001
+        print(f"[bench] plot failed: {exc!r}")
+
+
+def print_table(rows):
+    by = {(r["T"], r["d"], r["method"]): r for r in rows}
+    shapes = sorted({(r["T"], r["d"]) for r in rows}, key=lambda s: (s[1], s[0]))
+    methods = ["chunk_hla2", "chunk_ahla", "fla_chunk_simple_gla", "sdpa_causal", "torch_chunked_hla2"]
+    print("\n| T, d | " + " | ".join(methods) + " | hla2/fla | sdpa/hla2 |")
+    print("|---" * (len(methods) + 3) + "|")
+    for T, d in shapes:
+        cells = []
+        for m in methods:
+            r = by.get((T, d, m))
+            cells.append(f"{r['ms']:.3f} ms ({r['tflops']:.0f} TF/s)" if r else "-")
+        h = by.get((T, d, "chunk_hla2"))
+        f = by.get((T, d, "fla_chunk_simple_gla"))
+        s = by.get((T, d, "sdpa_causal"))
+        r1 = f"{h['ms'] / f['ms']:.2f}" if h and f else "-"
+        r2 = f"{s['ms'] / h['ms']:.2f}" if h and s else "-"
+        print(f"| {T // 1024}K, {d} | " + " | ".join(cells) + f" | {r1} | {r2} |")
+    sys.stdout.flush()
+
+
+def plot(rows, path, gpu):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = sorted({(r["T"], r["d"]) for r in rows}, key=lambda s: (s[1], s[0]))
+    methods = sorted({r["method"] for r in rows})
+    by = {(r["T"], r["d"], r["method"]): r["ms"] for r in rows}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    w = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        ax.bar([j + i * w for j in range(len(shapes))], [by.get((T, d, m), float("nan")) for T, d in shapes],
+               w, label=m)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(shapes))])
+    ax.set_xticklabels([f"T={T // 1024}K, d={d}" for T, d in shapes])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (median, log scale)")
+    ax.set_title(f"bf16, B={B}, H={H}, gamma={GAMMA} on {gpu}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"[bench] plot saved to {path}")
+
+
+if __name__ == "__main__":
+    main()

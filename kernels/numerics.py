@@ -1,0 +1,176 @@
+"""Numerics study: kernel error against a float64 reference as T grows (see docs/numerics.md).
+
+    python -m kernels.numerics --out DIR            # on the GPU
+    python -m kernels.numerics --mpmath --out DIR   # on the CPU: float64 vs mpmath, small d
+
+GPU part: B=1, H=4, d=dv=64, inputs N(0,1)/sqrt(d) rounded to the tested dtype, T up to
+16K, gamma in {1, 0.99}, ops hla2 / ahla, dtypes bf16 / fp32, chunked and (T <= 4K)
+recurrent kernels. The reference is the float64 chunked kernel on the same rounded
+inputs; its own error is bounded by the error model with u = 2^-53 (about 1e-11 of
+|op| at T = 16K) and it is checked against mpmath by the --mpmath part. Also computed:
+the paper's state form o_t = q_t^T (S_t C_t - G_t) for HLA2 in fp32 (torch, token by
+token), where G_t = g^2 G_{t-1} + g k_t k_t^T C_{t-1} removes the i > j terms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def paper_form_hla2(q, k, v, gamma):
+    """q_t^T (S_t C_t - G_t) token by token in fp32, all heads at once ([1, T, H, d])."""
+    _, T, H, d = q.shape
+    dv = v.shape[-1]
+    q, k, v = (x[0].float() for x in (q, k, v))
+    S = torch.zeros(H, d, d, device=q.device)
+    Cm = torch.zeros(H, d, dv, device=q.device)
+    G = torch.zeros(H, d, dv, device=q.device)
+    o = torch.empty(T, H, dv, device=q.device)
+    for t in range(T):
+        kt, qt, vt = k[t], q[t], v[t]
+        kk = kt[:, :, None] * kt[:, None, :]
+        G = gamma * gamma * G + gamma * kk @ Cm
+        S = gamma * S + kk
+        Cm = gamma * Cm + qt[:, :, None] * vt[:, None, :]
+        o[t] = (qt[:, None, :] @ (S @ Cm - G))[:, 0]
+    return o[None]
+
+
+def gpu_study(out):
+    import kernels
+    dev = "cuda"
+    H, d = 4, 64
+    Ts = [256, 1024, 4096, 16384]
+    rows = []
+    for op in ("hla2", "ahla"):
+        chunk = getattr(kernels, f"chunk_{op}")
+        rec = getattr(kernels, f"fused_recurrent_{op}")
+        for gamma in (1.0, 0.99):
+            for T in Ts:
+                g = torch.Generator(device=dev).manual_seed(T)
+                base = torch.randn(3, 1, T, H, d, device=dev, generator=g, dtype=torch.float64) * d ** -0.5
+                for dtn, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+                    q, k, v = (x.to(dt) for x in base)
+                    q64, k64, v64 = (x.double() for x in (q, k, v))
+                    t0 = time.time()
+                    ref, st = chunk(q64, k64, v64, gamma=gamma, output_final_state=True)
+                    absop, _ = chunk(q64.abs(), k64.abs(), v64.abs(), gamma=gamma)
+                    o, _ = chunk(q, k, v, gamma=gamma)
+                    r = dict(op=op, gamma=gamma, T=T, dtype=dtn,
+                             chunk_rel=rel(o, ref),
+                             chunk_vs_absop=((o.double() - ref).abs() / absop).max().item(),
+                             state_max=max(x.abs().max().item() for x in st if x is not None),
+                             out_max=ref.abs().max().item(), absop_over_out=(absop.norm() / ref.norm()).item())
+                    if T <= 4096:
+                        orec, _ = rec(q, k, v, gamma=gamma)
+                        r["recurrent_rel"] = rel(orec, ref)
+                    if op == "hla2" and dtn == "fp32" and T <= 4096:
+                        r["paper_form_fp32_rel"] = rel(paper_form_hla2(q, k, v, gamma), ref)
+                    rows.append(r)
+                    print(f"[numerics] {json.dumps(r)} ({time.time() - t0:.1f}s)", flush=True)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "numerics.json"), "w") as fh:
+        json.dump(dict(gpu=torch.cuda.get_device_name(), rows=rows), fh, indent=1)
+    plot(rows, os.path.join(out, "numerics.png"))
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, op in zip(axes, ("hla2", "ahla")):
+        for gamma, ls in ((1.0, "-"), (0.99, "--")):
+            for dtn, c in (("bf16", "C0"), ("fp32", "C1")):
+                rr = [r for r in rows if r["op"] == op and r["gamma"] == gamma and r["dtype"] == dtn]
+                ax.plot([r["T"] for r in rr], [r["chunk_rel"] for r in rr], ls, color=c, marker="o",
+                        label=f"chunk {dtn}, gamma={gamma}")
+                rq = [r for r in rr if "recurrent_rel" in r]
+                ax.plot([r["T"] for r in rq], [r["recurrent_rel"] for r in rq], ls, color=c, marker="x", alpha=.5,
+                        label=f"recurrent {dtn}, gamma={gamma}")
+            pf = [r for r in rows if r["op"] == op and r["gamma"] == gamma and "paper_form_fp32_rel" in r]
+            if pf:
+                ax.plot([r["T"] for r in pf], [r["paper_form_fp32_rel"] for r in pf], ls, color="C3", marker="s",
+                        label=f"paper form S C - G fp32, gamma={gamma}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(op)
+        ax.set_xlabel("T")
+        ax.grid(alpha=.3)
+    axes[0].set_ylabel("||o - o_ref|| / ||o_ref||")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"[numerics] plot saved to {path}")
+
+
+def mpmath_study(out):
+    """float64 recurrent and chunked kernels (interpreter) vs an mpmath recurrence, d = 2, dv = 1."""
+    import mpmath
+    import kernels
+    mpmath.mp.dps = 40
+    rows = []
+    for op in ("hla2", "ahla"):
+        for gamma in (1.0, 0.99):
+            for T in (256, 4096, 16384):
+                rng = np.random.default_rng(T)
+                d, dv = 2, 1
+                q, k, v = (rng.standard_normal((T, n)) / np.sqrt(d) for n in (d, d, dv))
+                t0 = time.time()
+                g = mpmath.mpf(gamma)
+                Q = [[mpmath.mpf(float(x)) for x in row] for row in q]
+                K = [[mpmath.mpf(float(x)) for x in row] for row in k]
+                V = [[mpmath.mpf(float(x)) for x in row] for row in v]
+                ref = np.zeros((T, dv))
+                if op == "hla2":
+                    S = [[mpmath.mpf(0)] * d for _ in range(d)]
+                    X = [[mpmath.mpf(0)] * dv for _ in range(d)]
+                    for t in range(T):
+                        S = [[g * S[a][b] + K[t][a] * K[t][b] for b in range(d)] for a in range(d)]
+                        sq = [mpmath.fsum(S[a][b] * Q[t][b] for b in range(d)) for a in range(d)]
+                        X = [[g * g * X[a][c] + sq[a] * V[t][c] for c in range(dv)] for a in range(d)]
+                        ref[t] = [float(mpmath.fsum(Q[t][a] * X[a][c] for a in range(d))) for c in range(dv)]
+                else:
+                    P = [[mpmath.mpf(0)] * dv for _ in range(d)]
+                    E = [[mpmath.mpf(0)] * dv for _ in range(d)]
+                    for t in range(T):
+                        P = [[g * P[a][c] + K[t][a] * V[t][c] for c in range(dv)] for a in range(d)]
+                        qp = [mpmath.fsum(Q[t][a] * P[a][c] for a in range(d)) for c in range(dv)]
+                        E = [[g * E[a][c] + K[t][a] * qp[c] for c in range(dv)] for a in range(d)]
+                        ref[t] = [float(mpmath.fsum(Q[t][a] * E[a][c] for a in range(d))) for c in range(dv)]
+                tq, tk, tv = (torch.tensor(x)[None, :, None, :] for x in (q, k, v))
+                r = dict(op=op, gamma=gamma, T=T)
+                for mode in ("chunk", "fused_recurrent"):
+                    o, _ = getattr(kernels, f"{mode}_{op}")(tq, tk, tv, gamma=gamma)
+                    o = o[0, :, 0].numpy()
+                    r[f"{mode}_f64_rel"] = float(np.linalg.norm(o - ref) / np.linalg.norm(ref))
+                rows.append(r)
+                print(f"[mpmath] {json.dumps(r)} ({time.time() - t0:.1f}s)", flush=True)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "numerics_mpmath.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="docs")
+    ap.add_argument("--mpmath", action="store_true")
+    a = ap.parse_args(argv)
+    if a.mpmath:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        mpmath_study(a.out)
+    else:
+        gpu_study(a.out)
+
+
+if __name__ == "__main__":
+    main()
