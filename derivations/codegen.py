@@ -93,7 +93,7 @@ def _part_source(syn, label: str) -> str:
                 local.append(r)
     factors = sorted({it.factor for n in syn.stream_state for t in syn.stream[n]
                       for it in t.seq if isinstance(it, Tok)})
-    specs = list(dict.fromkeys(syn.stream_state + syn.carry_state + local))
+    specs = list(dict.fromkeys(syn.stream_state + syn.carry_state + local + syn.scan_state))
     L = []
     L.append(f"def _{label}_update(S, F, g):")
     L.append("    return {")
@@ -105,6 +105,12 @@ def _part_source(syn, label: str) -> str:
     L.append(f"def _{label}_combine(A, B, rB):")
     L.append("    return {")
     for n in syn.carry_state:
+        L.append(f'        "{n}": {_emit_terms(syn.combine[n], {"A": "A", "B": "B"})},')
+    L.append("    }\n\n")
+    L.append(f"def _{label}_combine_scan(A, B, rB):")
+    L.append('    """⊕ on every scan summary (for scans over arbitrary segments)."""')
+    L.append("    return {")
+    for n in syn.scan_state:
         L.append(f'        "{n}": {_emit_terms(syn.combine[n], {"A": "A", "B": "B"})},')
     L.append("    }\n\n")
     L.append(f"{label.upper()} = {{")
@@ -122,6 +128,8 @@ def _part_source(syn, label: str) -> str:
     L.append(f'    "update": _{label}_update,')
     L.append(f'    "readout": _{label}_readout,')
     L.append(f'    "combine": _{label}_combine,')
+    L.append(f'    "combine_scan": _{label}_combine_scan,')
+    L.append(f'    "scan": {tuple(syn.scan_state)!r},')
     L.append("}\n\n")
     return "\n".join(L)
 

@@ -36,6 +36,15 @@ def _num_combine(A, B, rB):
     }
 
 
+def _num_combine_scan(A, B, rB):
+    """⊕ on every scan summary (for scans over arbitrary segments)."""
+    return {
+        "KQ_KV": (rB) * A["KQ_KV"] + (rB) * (B["KQ"] @ A["KV"]) + B["KQ_KV"],
+        "KV": (rB) * A["KV"] + B["KV"],
+        "KQ": A["KQ"] + B["KQ"],
+    }
+
+
 NUM = {
     "pattern": 'dot(q_t,k_i) * dot(q_i,k_j) * v_j',
     "state": {'KQ_KV': ('d', 'dv'), 'KV': ('d', 'dv')},
@@ -52,6 +61,8 @@ NUM = {
     "update": _num_update,
     "readout": _num_readout,
     "combine": _num_combine,
+    "combine_scan": _num_combine_scan,
+    "scan": ('KQ_KV', 'KV', 'KQ'),
 }
 
 
@@ -73,6 +84,15 @@ def _den_combine(A, B, rB):
     }
 
 
+def _den_combine_scan(A, B, rB):
+    """⊕ on every scan summary (for scans over arbitrary segments)."""
+    return {
+        "KQ_K1": (rB) * A["KQ_K1"] + (rB) * (B["KQ"] @ A["K1"]) + B["KQ_K1"],
+        "K1": (rB) * A["K1"] + B["K1"],
+        "KQ": A["KQ"] + B["KQ"],
+    }
+
+
 DEN = {
     "pattern": 'dot(q_t,k_i) * dot(q_i,k_j) * 1_j',
     "state": {'KQ_K1': ('d', '1'), 'K1': ('d', '1')},
@@ -89,6 +109,8 @@ DEN = {
     "update": _den_update,
     "readout": _den_readout,
     "combine": _den_combine,
+    "combine_scan": _den_combine_scan,
+    "scan": ('KQ_K1', 'K1', 'KQ'),
 }
 
 

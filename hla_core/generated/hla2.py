@@ -36,6 +36,15 @@ def _num_combine(A, B, rB):
     }
 
 
+def _num_combine_scan(A, B, rB):
+    """⊕ on every scan summary (for scans over arbitrary segments)."""
+    return {
+        "KK_QV": (rB**2) * A["KK_QV"] + (rB) * (A["KK"] @ B["QV"]) + B["KK_QV"],
+        "KK": (rB) * A["KK"] + B["KK"],
+        "QV": (rB) * A["QV"] + B["QV"],
+    }
+
+
 NUM = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_j) * v_j',
     "state": {'KK_QV': ('d', 'dv'), 'KK': ('d', 'd')},
@@ -52,6 +61,8 @@ NUM = {
     "update": _num_update,
     "readout": _num_readout,
     "combine": _num_combine,
+    "combine_scan": _num_combine_scan,
+    "scan": ('KK_QV', 'KK', 'QV'),
 }
 
 
@@ -73,6 +84,15 @@ def _den_combine(A, B, rB):
     }
 
 
+def _den_combine_scan(A, B, rB):
+    """⊕ on every scan summary (for scans over arbitrary segments)."""
+    return {
+        "KK_Q1": (rB**2) * A["KK_Q1"] + (rB) * (A["KK"] @ B["Q1"]) + B["KK_Q1"],
+        "KK": (rB) * A["KK"] + B["KK"],
+        "Q1": (rB) * A["Q1"] + B["Q1"],
+    }
+
+
 DEN = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_j) * 1_j',
     "state": {'KK_Q1': ('d', '1'), 'KK': ('d', 'd')},
@@ -89,6 +109,8 @@ DEN = {
     "update": _den_update,
     "readout": _den_readout,
     "combine": _den_combine,
+    "combine_scan": _den_combine_scan,
+    "scan": ('KK_Q1', 'KK', 'Q1'),
 }
 
 

@@ -36,6 +36,14 @@ def _num_combine(A, B, rB):
     }
 
 
+def _num_combine_scan(A, B, rB):
+    """⊕ on every scan summary (for scans over arbitrary segments)."""
+    return {
+        "KK": (rB) * A["KK"] + B["KK"],
+        "QV": (rB) * A["QV"] + B["QV"],
+    }
+
+
 NUM = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_j) * v_j',
     "state": {'KK': ('d', 'd'), 'QV': ('d', 'dv')},
@@ -51,6 +59,8 @@ NUM = {
     "update": _num_update,
     "readout": _num_readout,
     "combine": _num_combine,
+    "combine_scan": _num_combine_scan,
+    "scan": ('KK', 'QV'),
 }
 
 
@@ -72,6 +82,14 @@ def _den_combine(A, B, rB):
     }
 
 
+def _den_combine_scan(A, B, rB):
+    """⊕ on every scan summary (for scans over arbitrary segments)."""
+    return {
+        "KK": (rB) * A["KK"] + B["KK"],
+        "Q1": (rB) * A["Q1"] + B["Q1"],
+    }
+
+
 DEN = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_j) * 1_j',
     "state": {'KK': ('d', 'd'), 'Q1': ('d', '1')},
@@ -87,6 +105,8 @@ DEN = {
     "update": _den_update,
     "readout": _den_readout,
     "combine": _den_combine,
+    "combine_scan": _den_combine_scan,
+    "scan": ('KK', 'Q1'),
 }
 
 

@@ -38,6 +38,18 @@ def _num_combine(A, B, rB):
     }
 
 
+def _num_combine_scan(A, B, rB):
+    """⊕ on every scan summary (for scans over arbitrary segments)."""
+    return {
+        "KK_QQ_KV": (rB**3) * A["KK_QQ_KV"] + (rB**2) * (A["KK"] @ B["QQ"] @ A["KV"]) + (rB) * (A["KK"] @ B["QQ_KV"]) + (rB) * (B["KK_QQ"] @ A["KV"]) + B["KK_QQ_KV"],
+        "KK": (rB) * A["KK"] + B["KK"],
+        "KV": (rB) * A["KV"] + B["KV"],
+        "QQ": (rB) * A["QQ"] + B["QQ"],
+        "QQ_KV": (rB**2) * A["QQ_KV"] + (rB) * (B["QQ"] @ A["KV"]) + B["QQ_KV"],
+        "KK_QQ": (rB**2) * A["KK_QQ"] + (rB) * (A["KK"] @ B["QQ"]) + B["KK_QQ"],
+    }
+
+
 NUM = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_u) * dot(q_u,k_j) * v_j',
     "state": {'KK_QQ_KV': ('d', 'dv'), 'KK': ('d', 'd'), 'KV': ('d', 'dv')},
@@ -57,6 +69,8 @@ NUM = {
     "update": _num_update,
     "readout": _num_readout,
     "combine": _num_combine,
+    "combine_scan": _num_combine_scan,
+    "scan": ('KK_QQ_KV', 'KK', 'KV', 'QQ', 'QQ_KV', 'KK_QQ'),
 }
 
 
@@ -80,6 +94,18 @@ def _den_combine(A, B, rB):
     }
 
 
+def _den_combine_scan(A, B, rB):
+    """⊕ on every scan summary (for scans over arbitrary segments)."""
+    return {
+        "KK_QQ_K1": (rB**3) * A["KK_QQ_K1"] + (rB**2) * (A["KK"] @ B["QQ"] @ A["K1"]) + (rB) * (A["KK"] @ B["QQ_K1"]) + (rB) * (B["KK_QQ"] @ A["K1"]) + B["KK_QQ_K1"],
+        "KK": (rB) * A["KK"] + B["KK"],
+        "K1": (rB) * A["K1"] + B["K1"],
+        "QQ": (rB) * A["QQ"] + B["QQ"],
+        "QQ_K1": (rB**2) * A["QQ_K1"] + (rB) * (B["QQ"] @ A["K1"]) + B["QQ_K1"],
+        "KK_QQ": (rB**2) * A["KK_QQ"] + (rB) * (A["KK"] @ B["QQ"]) + B["KK_QQ"],
+    }
+
+
 DEN = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_u) * dot(q_u,k_j) * 1_j',
     "state": {'KK_QQ_K1': ('d', '1'), 'KK': ('d', 'd'), 'K1': ('d', '1')},
@@ -99,6 +125,8 @@ DEN = {
     "update": _den_update,
     "readout": _den_readout,
     "combine": _den_combine,
+    "combine_scan": _den_combine_scan,
+    "scan": ('KK_QQ_K1', 'KK', 'K1', 'QQ', 'QQ_K1', 'KK_QQ'),
 }
 
 

@@ -38,6 +38,15 @@ def _num_combine(A, B, rB):
     }
 
 
+def _num_combine_scan(A, B, rB):
+    """⊕ on every scan summary (for scans over arbitrary segments)."""
+    return {
+        "KK": (rB) * A["KK"] + B["KK"],
+        "QQ": (rB) * A["QQ"] + B["QQ"],
+        "KV": (rB) * A["KV"] + B["KV"],
+    }
+
+
 NUM = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_u) * dot(q_u,k_j) * v_j',
     "state": {'KK': ('d', 'd'), 'QQ': ('d', 'd'), 'KV': ('d', 'dv')},
@@ -54,6 +63,8 @@ NUM = {
     "update": _num_update,
     "readout": _num_readout,
     "combine": _num_combine,
+    "combine_scan": _num_combine_scan,
+    "scan": ('KK', 'QQ', 'KV'),
 }
 
 
@@ -77,6 +88,15 @@ def _den_combine(A, B, rB):
     }
 
 
+def _den_combine_scan(A, B, rB):
+    """⊕ on every scan summary (for scans over arbitrary segments)."""
+    return {
+        "KK": (rB) * A["KK"] + B["KK"],
+        "QQ": (rB) * A["QQ"] + B["QQ"],
+        "K1": (rB) * A["K1"] + B["K1"],
+    }
+
+
 DEN = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_u) * dot(q_u,k_j) * 1_j',
     "state": {'KK': ('d', 'd'), 'QQ': ('d', 'd'), 'K1': ('d', '1')},
@@ -93,6 +113,8 @@ DEN = {
     "update": _den_update,
     "readout": _den_readout,
     "combine": _den_combine,
+    "combine_scan": _den_combine_scan,
+    "scan": ('KK', 'QQ', 'K1'),
 }
 
 
