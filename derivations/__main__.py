@@ -46,7 +46,11 @@ def build(ops: list[str], with_claims: bool = True) -> tuple[dict, list, bool]:
                 rows.append((name, c.identity, c.part, label, c.holds, c.method, c.seconds))
                 ok &= c.holds
         files[f"hla_core/generated/{name}.py"] = module_source(variants["decayed"], name)
-        files[f"docs/identities/{name}.md"] = operator_doc(name, op.summary, variants, op.definition)
+        doc = operator_doc(name, op.summary, variants, op.definition)
+        if name == "hla3":
+            from .docs import paper_comparison_hla3
+            doc += "\n" + paper_comparison_hla3(variants["decayed"])
+        files[f"docs/identities/{name}.md"] = doc
     if with_claims:
         from .paper_claims import judge_all, render_json, render_md
         _progress("[claims] judging the paper's claims ...")

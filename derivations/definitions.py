@@ -62,9 +62,9 @@ class Matrix:
         raise PatternError(f"definition: unsupported construct {ast.unparse(node)!r}")
 
     def pattern(self) -> Pattern:
-        names = iter("ijuwxyzabcdefghmnprs")
-        cons, dots = self._entry(self.tree.left, "t", "j0", lambda: next(names))
-        expr = " * ".join(dots + ["v_j0"])
+        names = iter("iuwxyzabcdefghmnprs")
+        cons, dots = self._entry(self.tree.left, "t", "j", lambda: next(names))
+        expr = " * ".join(dots + ["v_j"])
         return Pattern(expr, where=", ".join(cons), decay="")
 
     # numbers --------------------------------------------------------------
