@@ -164,7 +164,9 @@ class Pattern:
             if s.var not in indices:
                 indices.append(s.var)
         cons = parse_where(self.where or "", set(indices))
-        _check_causal(indices, cons)
+        # Every operator here is causal: each index is at most t, stated or not.
+        cons += [Constraint(x, "<=", "t") for x in indices
+                 if Constraint(x, "<=", "t") not in cons]
         coeffs = parse_decay(self.decay or "", indices)
         object.__setattr__(self, "t_vec", t_vec)
         object.__setattr__(self, "slots", tuple(slots))
@@ -193,7 +195,7 @@ class Pattern:
         return Pattern(expr, self.where, self.decay, self.name)
 
     def __str__(self) -> str:
-        parts = [f"o_t = Σ [{self.where or 'all ≤ t'}]"]
+        parts = [f"o_t = Σ [{self.where or 'all indices ≤ t'}]"]
         if self.has_decay:
             parts.append(f"γ^({self.decay})")
         parts.append(self.expr)
@@ -258,22 +260,3 @@ def _parse_chain(expr: str) -> tuple[str, list[Slot]]:
     if not all(used):
         raise PatternError(f"expr: the dots do not form one chain from t to v_{value[1]} in {expr!r}")
     return t_vec, slots
-
-
-def _check_causal(indices: list[str], cons: list[Constraint]) -> None:
-    """Every index must be forced ≤ t, otherwise the operator reads the future."""
-    reach = {x: set() for x in indices + ["t"]}
-    for c in cons:
-        reach[c.a].add(c.b)
-        if c.op == "==":
-            reach[c.b].add(c.a)
-    for x in indices:
-        seen, stack = {x}, [x]
-        while stack:
-            for y in reach[stack.pop()]:
-                if y not in seen:
-                    seen.add(y)
-                    stack.append(y)
-        if "t" not in seen:
-            raise PatternError(f"where: index {x!r} is not bounded by t (add e.g. '{x} <= t'); "
-                               "the operator would not be causal")

@@ -99,19 +99,20 @@ def test_combine_associative_on_random_segments(op, cuts, seed, gamma):
         assert np.all(np.abs(right[n] - whole[n]) <= tol)
 
 
+@pytest.mark.parametrize("op", ["hla2", "ahla", "hla3", "hla2_unmasked", "hla3_unmasked"])
 @given(cuts=st.lists(st.integers(1, 13), max_size=5, unique=True), seed=st.integers(0, 999))
-def test_random_segmentations_give_the_same_state(cuts, seed):
+def test_random_segmentations_give_the_same_state(op, cuts, seed):
     """Any segmentation of one sequence, folded with ⊕ left to right, gives the serial state."""
     import hla_core
     rng = np.random.default_rng(seed)
     q, k, v = rng.standard_normal((14, 2)), rng.standard_normal((14, 2)), rng.standard_normal((14, 2))
-    _, serial = hla_core.evaluate("hla3", q, k, v, gamma=0.9, return_state=True)
+    _, serial = hla_core.evaluate(op, q, k, v, gamma=0.9, return_state=True)
     bounds = [0] + sorted(cuts) + [14]
     state = None
     for lo, hi in zip(bounds, bounds[1:]):
-        _, state = hla_core.evaluate("hla3", q[lo:hi], k[lo:hi], v[lo:hi], form="chunked", gamma=0.9,
+        _, state = hla_core.evaluate(op, q[lo:hi], k[lo:hi], v[lo:hi], form="chunked", gamma=0.9,
                                      chunk_size=3, initial_state=state, return_state=True)
-    _, absolute = hla_core.evaluate("hla3", np.abs(q), np.abs(k), np.abs(v), gamma=0.9, return_state=True)
+    _, absolute = hla_core.evaluate(op, np.abs(q), np.abs(k), np.abs(v), gamma=0.9, return_state=True)
     from hla_core.error_model import beta
     for n in serial:
         assert np.all(np.abs(state[n] - serial[n]) <= 2 * beta("float64", 14, 2, 3, 0.9) * absolute[n])
@@ -182,7 +183,7 @@ def test_crossing_components_are_out_of_reach():
     (dict(expr="dot(q_i,k_j) * v_j"), "expr", "output index t"),
     (dict(expr="dot(q_t,k_i) * v_i", where="i <= j"), "where", "does not occur"),
     (dict(expr="dot(q_t,k_i) * v_i", where="i =< t"), "where", ""),
-    (dict(expr="dot(q_t,k_i) * v_i", where=""), "where", "not bounded by t"),
+    (dict(expr="dot(q_t,k_i) * v_i", where="i <= j <= t"), "where", "does not occur"),
     (dict(expr="dot(q_t,k_i) * v_i", where="i <= t", decay="t*i"), "decay", "linear"),
     (dict(expr="dot(q_t,k_i) * v_i", where="i <= t", decay="t"), "decay", "differences"),
     (dict(expr="dot(q_t,k_i) * v_i", where="i <= t", decay="i-t"), "decay", "negative"),
@@ -193,6 +194,12 @@ def test_malformed_patterns_are_rejected(kwargs, arg, text):
         Pattern(**kwargs)
     assert str(exc.value).startswith(arg + ":")
     assert text in str(exc.value)
+
+
+def test_indices_are_causal_without_saying_so():
+    a = Pattern("dot(q_t,k_i) * dot(k_i,q_j) * v_j")
+    b = Pattern("dot(q_t,k_i) * dot(k_i,q_j) * v_j", where="i <= t, j <= t")
+    assert set(a.constraints) == set(b.constraints)
 
 
 def test_derive_rejects_non_patterns():
