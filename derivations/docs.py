@@ -107,32 +107,45 @@ def entries_expr(s: Summary) -> str:
     return sympy.latex(entries_sym(s))
 
 
-def _matmul_flops(shapes: list[tuple]) -> sympy.Expr:
-    """FLOPs of a left-to-right product of matrices of the given symbolic shapes."""
+def _chain_flops(shapes: list[tuple]) -> sympy.Expr:
+    """FLOPs (2 per multiply-add) of one product term whose factors are matrices
+    (r, c, False) or rank-one token factors x yᵀ (r, c, True), associated so that
+    token factors are applied as vectors: R0 x1 · (y1ᵀ R1 x2) · ... · (ykᵀ Rk)."""
     total = sympy.Integer(0)
-    r, c = shapes[0]
-    for (r2, c2) in shapes[1:]:
-        total += 2 * r * c * c2
-        c = c2
-    return total
+    toks = [n for n, s in enumerate(shapes) if s[2]]
+    if not toks:
+        c = shapes[0][1]
+        for (r2, c2, _) in shapes[1:]:
+            total += 2 * shapes[0][0] * c * c2
+            c = c2
+        return total
+    # left block applied to x1 (right to left), middle blocks as vector-matrix-vector, last block yᵀ R
+    for (r, c, _) in shapes[:toks[0]]:
+        total += 2 * r * c
+    for a, b in zip(toks, toks[1:]):
+        for (r, c, _) in shapes[a + 1:b]:
+            total += 2 * r * c
+        total += 2 * shapes[b][0]   # the scalar yᵀ (·) x
+    for (r, c, _) in shapes[toks[-1] + 1:]:
+        total += 2 * r * c
+    return total + shapes[0][0] * shapes[-1][1]   # the final outer product
 
 
-def term_flops(terms, names: dict, per_token: bool) -> sympy.Expr:
-    d, dv = sympy.symbols("d d_v", positive=True)
-    dims = {"q": d, "k": d, "v": dv, "1": sympy.Integer(1)}
+def term_flops(terms, names: dict) -> sympy.Expr:
+    """Work to evaluate a formula: every term's product plus its addition into the result."""
+    dims = {"q": D, "k": D, "v": DV, "1": sympy.Integer(1)}
     total = sympy.Integer(0)
     for t in terms:
         shapes = []
         for it in t.seq:
             if isinstance(it, Ref):
                 s = names[it.name]
-                shapes.append((dims[s.slots[0][1][0]], dims[s.slots[-1][1][1]]))
+                shapes.append((dims[s.slots[0][1][0]], dims[s.slots[-1][1][1]], False))
             elif isinstance(it, Tok):
-                shapes.append((dims[it.factor[0]], dims[it.factor[1]]))
-        if len(shapes) > 1:
-            total += _matmul_flops(shapes)
-        r, c = shapes[0][0], shapes[-1][1]
-        total += r * c  # the addition into the result
+                shapes.append((dims[it.factor[0]], dims[it.factor[1]], True))
+        if len(shapes) > 1 or shapes[0][2]:
+            total += _chain_flops(shapes)
+        total += shapes[0][0] * shapes[-1][1]
     return sympy.expand(total)
 
 
@@ -161,8 +174,8 @@ def operator_doc(op_name: str, summary: str, d_variants: dict, definition) -> st
         for n in syn.stream_state:
             L.append("$$" + tex_name(n, "t") + " = " + tex_terms(syn.stream[n], {"A": "t-1"}) + "$$")
             L.append("")
-        flops = sum((term_flops(syn.stream[n], names, True) for n in syn.stream_state), sympy.Integer(0))
-        L += [f"Work per token (multiply-adds counted as 2 FLOPs, outer products materialized): "
+        flops = sum((term_flops(syn.stream[n], names) for n in syn.stream_state), sympy.Integer(0))
+        L += [f"Work per token (2 FLOPs per multiply-add; token factors $x y^\\top$ applied as vectors): "
               f"${sympy.latex(flops)}$ FLOPs.", "",
               "### Segment summaries and the combine ⊕", "",
               "Segment $A$ then $B$; $\\rho_B = \\gamma^{|B|}$; each summary's $\\gamma$ exponent "
@@ -177,7 +190,7 @@ def operator_doc(op_name: str, summary: str, d_variants: dict, definition) -> st
         for n in syn.scan_state:
             L.append("$$" + tex_name(n, "AB") + " = " + tex_terms(syn.combine[n], {"A": "A", "B": "B"}) + "$$")
             L.append("")
-        cflops = sum((term_flops(syn.combine[n], names, False) for n in syn.scan_state), sympy.Integer(0))
+        cflops = sum((term_flops(syn.combine[n], names) for n in syn.scan_state), sympy.Integer(0))
         L += [f"Work per combine: ${sympy.latex(cflops)}$ FLOPs.", ""]
         if any(names[n].holes for n in syn.scan_state):
             L += ["Some summaries are sandwich maps (holes $Z_k$); stored densely they take the "
