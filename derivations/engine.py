@@ -157,6 +157,16 @@ class Derivation:
     def proved(self) -> bool:
         return bool(self.certificates) and all(c.holds for c in self.certificates)
 
+    def __str__(self) -> str:
+        lines = [str(self.pattern), f"  readout: o_t = {self.readout}", "  streaming state:"]
+        lines += [f"    {k} = {v}" for k, v in self.state.items()]
+        lines.append("  combine ⊕ (segment A then B, ρ_B = γ^|B|):")
+        lines += [f"    {k}_AB = {v}" for k, v in self.combine.items()]
+        if self.certificates:
+            ok = sum(c.holds for c in self.certificates)
+            lines.append(f"  proofs: {ok}/{len(self.certificates)} hold")
+        return "\n".join(lines)
+
     def reference(self, form: str = "recurrent", backend: str = "numpy"):
         from .codegen import reference_function
         return reference_function(self, form, backend)
