@@ -229,7 +229,14 @@ class Namer:
         if s in self.by_summary:
             return self.by_summary[s]
         base = s.word
-        name, n = base, 1
+        # say what sets it apart: exclusive of the segment end; on a clash, its decay
+        strict_end = any(b == END and op == "<" for (a, b), op in s.rel)
+        decay = "".join(str(c) for _, c in s.decay) or "0"
+        base += "_excl" if strict_end else ""
+        for name in (base, f"{base}_g{decay}"):
+            if name not in self.by_name:
+                break
+        n = 1
         while name in self.by_name:
             n += 1
             name = f"{base}_v{n}"
