@@ -12,13 +12,14 @@ propagates to at most u times the *operator evaluated on absolute values*:
 
 Standard bounds (Higham, Accuracy and Stability, ch. 3) then give, element-wise,
 
-    |o_hat - o| <= beta * |op| + u_out * |o_hat|,
+    |o_hat - o| <= beta * |op| + u_out * |o_hat| + eta_out / 2,
     1 + beta    = (1 + gamma_m(u_op)) * (1 + gamma_n(u_acc)) * (1 + gamma_n(u_ref)),
     gamma_m(u)  = m u / (1 - m u),
 
 with
-    u_op  : unit roundoff of the tl.dot operand format (bf16 2^-8, fp16 2^-11,
-            fp32 2^-24 -- the kernels use IEEE fp32 dots, not TF32 -- fp64 2^-53);
+    u_op  : unit roundoff of the tl.dot operand format (bf16 2^-8; fp16 inputs use
+            TF32 operands, 2^-10 allowing truncation; fp32 2^-24 -- the kernels use
+            IEEE fp32 dots, not TF32 -- fp64 2^-53);
     m     : roundings of an intermediate to the operand format along one product
             path. Counted in kernels/hla2.py and kernels/ahla.py: at most 5 (e.g. HLA2
             k*g -> S -> M -> X -> output dot); the model uses M_OPERAND = 6;
@@ -30,7 +31,9 @@ with
             exp2(n log2 g) (n <= 2C) adds 4 + 2C |log2 g| (rounding of log2 g
             magnified by n, plus exp2 itself): n = 3T + 3d + 4C + 12 + 6C|log2 g|;
     u_ref : 2^-53, the float64 reference's own rounding (same depth n);
-    u_out : unit roundoff of the output format (the input dtype).
+    u_out : unit roundoff of the output format (the input dtype);
+    eta_out: smallest subnormal spacing of the output format (gradual underflow of
+            the stored output; matters only for fp16, 2^-24).
 
 Normalized outputs o = N / (D + eps) with N, D the unnormalized sums (D with v -> 1):
 |dN| <= beta |N|abs, |dD| <= beta |D|abs, so
@@ -41,6 +44,8 @@ Normalized outputs o = N / (D + eps) with N, D the unnormalized sums (D with v -
 and no claim (infinite bound) where |D + eps| <= beta |D|abs: there the
 denominator's sign is not determined by the arithmetic.
 
+The model assumes no overflow or underflow in the operand and output formats (the
+fp16 output range is +-65504: callers must scale inputs so that |o| stays inside it).
 These constants are counted, not fitted: a test that exceeds this bound has found
 an error larger than the arithmetic can explain.
 """
@@ -57,6 +62,27 @@ UNIT_ROUNDOFF = {
     "float32": 2.0 ** -24,
     "float16": 2.0 ** -11,
     "bfloat16": 2.0 ** -8,
+}
+
+# Unit roundoff of the tl.dot operand format chosen for each input dtype
+# (kernels._common.dot_dtype / dot_precision): fp16 inputs use fp32 operands rounded to
+# TF32 (10 explicit mantissa bits); 2^-10 also covers a truncating conversion.
+OPERAND_ROUNDOFF = {
+    "float64": 2.0 ** -53,
+    "float32": 2.0 ** -24,
+    "float16": 2.0 ** -10,
+    "bfloat16": 2.0 ** -8,
+}
+
+
+# Half the smallest subnormal spacing of the output format: rounding x to the output
+# format errs by at most u|x| + ETA/2 (Higham, Accuracy and Stability, Thm 2.2 with
+# gradual underflow). Only fp16 outputs ever come near it.
+ETA = {
+    "float64": 2.0 ** -1074,
+    "float32": 2.0 ** -149,
+    "float16": 2.0 ** -24,
+    "bfloat16": 2.0 ** -133,
 }
 
 
@@ -80,7 +106,7 @@ def accumulation_depth(T: int, d: int, chunk_size: int, gamma: float) -> float:
 def beta(dtype, T: int, d: int, chunk_size: int, gamma: float) -> float:
     """Relative (to |op|) error coefficient of an unnormalized kernel output."""
     name = str(dtype).replace("torch.", "")
-    u_op = unit_roundoff(name)
+    u_op = OPERAND_ROUNDOFF[name]
     u_acc = UNIT_ROUNDOFF["float64"] if name == "float64" else UNIT_ROUNDOFF["float32"]
     n = accumulation_depth(T, d, chunk_size, gamma)
     b = (1 + _gam(M_OPERAND, u_op)) * (1 + _gam(n, u_acc)) * (1 + _gam(n, UNIT_ROUNDOFF["float64"])) - 1
@@ -103,11 +129,11 @@ def output_bound(dtype, *, o_ref, num_abs, T, d, chunk_size, gamma,
     num_abs = np.asarray(num_abs, dtype=np.float64)
     if not normalize:
         e = b * num_abs
-        return e + u_out * (np.abs(o_ref) + e)
+        return e + u_out * (np.abs(o_ref) + e) + ETA[name] / 2
     den_ref = np.asarray(den_ref, dtype=np.float64)[:, None]
     den_abs = np.asarray(den_abs, dtype=np.float64)[:, None]
     margin = np.abs(den_ref + eps) - b * den_abs
     with np.errstate(divide="ignore", invalid="ignore"):
         e = np.where(margin > 0, (b * num_abs + np.abs(o_ref) * b * den_abs) / np.where(margin > 0, margin, 1),
                      np.inf)
-    return e + (u_acc + u_out) * (np.abs(o_ref) + e)
+    return e + (u_acc + u_out) * (np.abs(o_ref) + e) + ETA[name] / 2

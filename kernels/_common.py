@@ -63,16 +63,17 @@ def tl_dtype(dtype: torch.dtype):
 def dot_dtype(dtype: torch.dtype):
     """Operand format of every tl.dot for inputs of `dtype`.
 
-    bf16/fp16 inputs: operands in the input format (tensor cores), fp32 accumulate;
+    bf16 inputs: operands in bf16 (tensor cores), fp32 accumulate;
     intermediates (states, C x C weights) are rounded to that format before a dot,
     which the error model counts. Under TRITON_INTERPRET the interpreter's bf16 dot
     is wrong (it multiplies raw bit patterns), so there bf16 is upcast to fp32 and
     the CPU run never relies on a bf16 dot. fp32 inputs: fp32 operands with IEEE
-    precision (not TF32), fp64 inputs: fp64 throughout.
+    precision (not TF32), fp16 inputs: fp32 operands as TF32 (see dot_precision;
+    fp16 operands would overflow for long sequences), fp64 inputs: fp64 throughout.
     """
     if dtype == torch.bfloat16 and interpreting():
         return tl.float32
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+    return {torch.float16: tl.float32, torch.bfloat16: tl.bfloat16,
             torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
 
 
@@ -217,3 +218,26 @@ def block_sizes(d: int, dv: int, block_v: Optional[int]):
         block_v = 64
     BV = max(16, min(block_v, triton.next_power_of_2(dv)))
     return BK, BV
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision of every tl.dot: fp32 inputs use IEEE fp32 products; fp16 inputs
+    use fp32 operands rounded to TF32 (unit roundoff 2^-11 like fp16, but fp32's range,
+    so large states cannot overflow the operand format); others ignore it."""
+    return "tf32" if dtype == torch.float16 else "ieee"
+
+
+def decay_table(gam: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[H, 2C+1] table of g_h^n, n = 0..2C, computed in float64 (used by float64 kernels)."""
+    n = torch.arange(2 * chunk_size + 1, dtype=torch.float64)
+    return (gam.detach().to("cpu", torch.float64)[:, None] ** n[None, :]).to(device=gam.device,
+                                                                            dtype=gam.dtype).contiguous()
+
+
+@triton.jit
+def _decay(lg, pw, n, TABLE: tl.constexpr):
+    """g^n for integer n >= 0: a float64 table lookup (TABLE) or exp2(n log2 g)."""
+    if TABLE:
+        return tl.load(pw + n)
+    else:
+        return tl.exp2(lg * n.to(lg.dtype))

@@ -21,15 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AHLAState, block_sizes, check_state, dot_dtype, prepare, tl_dtype)
+from ._common import (_decay, decay_table, AHLAState, block_sizes, check_state, dot_dtype, dot_precision, prepare, tl_dtype)
 
 
 @triton.jit
-def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, st_e, st_p1, st_e1, cu, eps,
+def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, pow_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, st_e, st_p1, st_e1, cu, eps,
                        T, H, D, DV,
                        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                        NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-                       VARLEN: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                       VARLEN: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                       TABLE: tl.constexpr):
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -46,6 +47,7 @@ def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, st
     mk = ok < D
     mv = ov < DV
     lg = tl.load(log2g_ptr + h).to(ACC)
+    pw = pow_ptr + h * (2 * C + 1)  # g^n, n = 0..2C, exact float64 table (used when TABLE)
     P = tl.zeros((BK, BV), dtype=ACC)
     E = tl.zeros((BK, BV), dtype=ACC)
     p1 = tl.zeros((BK,), dtype=ACC)
@@ -59,7 +61,6 @@ def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, st
         if NORMALIZE:
             p1 = tl.load(s0_p1 + sbase * D + ok, mask=mk, other=0).to(ACC)
             e1 = tl.load(s0_e1 + sbase * D + ok, mask=mk, other=0).to(ACC)
-    rf = oc.to(ACC)
     r2 = oc[:, None]
     c2 = oc[None, :]
     for cs in range(0, L, C):
@@ -72,11 +73,10 @@ def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, st
         qd = qb.to(DOT)
         kd = kb.to(DOT)
         vd = vb.to(DOT)
-        Lf = Lc.to(ACC)
-        b = tl.where(mr, tl.exp2(lg * (rf + 1)), 0)                       # g^(r+1)
-        gk = tl.where(mr, tl.exp2(lg * tl.maximum(Lf - 1 - rf, 0)), 0)                 # g^(Lc-1-j)
-        Dw = tl.where(c2 <= r2, tl.exp2(lg * tl.maximum(r2 - c2, 0).to(ACC)), 0)       # g^(r-i), i<=r
-        gC = tl.exp2(lg * Lf)
+        b = tl.where(mr, _decay(lg, pw, oc + 1, TABLE), 0)                       # g^(r+1)
+        gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)                 # g^(Lc-1-j)
+        Dw = tl.where(c2 <= r2, _decay(lg, pw, tl.maximum(r2 - c2, 0), TABLE), 0)       # g^(r-i), i<=r
+        gC = _decay(lg, pw, Lc, TABLE)
 
         W = tl.dot(qd, tl.trans(kd), input_precision=PREC, out_dtype=ACC)
         Wl = tl.where(c2 <= r2, W, 0)
@@ -209,8 +209,8 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
     if num_stages is not None:
         launch["num_stages"] = num_stages
     if mode == "chunk":
-        _ahla_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], *s0, *stp, cu, float(eps),
-                                 C=chunk_size, DOT=dot_dtype(q.dtype), PREC="ieee", **common, **launch)
+        _ahla_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, float(eps),
+                                 C=chunk_size, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype), TABLE=sdt == torch.float64, **common, **launch)
     else:
         _ahla_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, float(eps),
                                      **common, **launch)

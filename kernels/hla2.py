@@ -14,8 +14,8 @@ carry S0, X0, b_r = g^(r+1)), obtained by unrolling the online update over the c
     X_end = g^(2Lc) X0 + S0 sum_j g^(2Lc-1-j) q_j v_j^T
             + sum_{i<=j} g^((Lc-1-i)+(Lc-1-j)) k_i (k_i.q_j) v_j^T
 
-Every decay factor is formed directly as exp2(n * log2 g) with n >= 0 (never as a
-ratio g^a / g^b, which over/underflows for small g). One program owns one
+Every decay factor is formed directly as g^n with n >= 0 (exp2(n log2 g) in fp32, an
+exact float64 table for float64 inputs; never as a ratio g^a / g^b, which over/underflows for small g). One program owns one
 (sequence, head, dv block): the running state stays in registers while the chunks
 stream through it, so nothing per-chunk goes to HBM.
 """
@@ -25,15 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (HLA2State, block_sizes, check_state, dot_dtype, prepare, tl_dtype)
+from ._common import (_decay, decay_table, HLA2State, block_sizes, check_state, dot_dtype, dot_precision, prepare, tl_dtype)
 
 
 @triton.jit
-def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, st_x1, cu, eps,
+def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, pow_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, st_x1, cu, eps,
                        T, H, D, DV,
                        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                        NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-                       VARLEN: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                       VARLEN: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                       TABLE: tl.constexpr):
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -50,6 +51,7 @@ def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, s
     mk = ok < D
     mv = ov < DV
     lg = tl.load(log2g_ptr + h).to(ACC)
+    pw = pow_ptr + h * (2 * C + 1)  # g^n, n = 0..2C, exact float64 table (used when TABLE)
 
     S = tl.zeros((BK, BK), dtype=ACC)
     X = tl.zeros((BK, BV), dtype=ACC)
@@ -63,7 +65,6 @@ def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, s
         if NORMALIZE:
             X1 = tl.load(s0_x1 + sbase * D + ok, mask=mk, other=0).to(ACC)
 
-    rf = oc.to(ACC)
     r2 = oc[:, None]
     c2 = oc[None, :]
     for cs in range(0, L, C):
@@ -76,18 +77,17 @@ def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x, s
         qd = qb.to(DOT)
         kd = kb.to(DOT)
         vd = vb.to(DOT)
-        Lf = Lc.to(ACC)
-        # decay factors, all exp2 of a non-negative multiple of -log2 g, zero where masked
-        b = tl.where(mr, tl.exp2(lg * (rf + 1)), 0)                      # g^(r+1)
+        # decay factors g^n, n >= 0 (clamped where masked), zero where masked
+        b = tl.where(mr, _decay(lg, pw, oc + 1, TABLE), 0)                      # g^(r+1)
         low = (c2 <= r2) & (r2 < Lc)
-        D1 = tl.where(low, tl.exp2(lg * tl.maximum(2 * r2 - c2 + 1, 0).to(ACC)), 0)   # g^(2r-j+1), j<=r
-        D2 = tl.where(low, tl.exp2(lg * tl.maximum(2 * (r2 - c2), 0).to(ACC)), 0)     # g^(2(r-j)),  j<=r
-        Dw = tl.where(c2 <= r2, tl.exp2(lg * tl.maximum(r2 - c2, 0).to(ACC)), 0)      # g^(j-i), i<=j (rows j)
-        e = tl.where(mr, tl.exp2(lg * tl.maximum(2 * Lf - 1 - rf, 0)), 0)             # g^(2Lc-1-j)
-        gk = tl.where(mr, tl.exp2(lg * tl.maximum(Lf - 1 - rf, 0)), 0)                # g^(Lc-1-i)
+        D1 = tl.where(low, _decay(lg, pw, tl.maximum(2 * r2 - c2 + 1, 0), TABLE), 0)   # g^(2r-j+1), j<=r
+        D2 = tl.where(low, _decay(lg, pw, tl.maximum(2 * (r2 - c2), 0), TABLE), 0)     # g^(2(r-j)),  j<=r
+        Dw = tl.where(c2 <= r2, _decay(lg, pw, tl.maximum(r2 - c2, 0), TABLE), 0)      # g^(j-i), i<=j (rows j)
+        e = tl.where(mr, _decay(lg, pw, tl.maximum(2 * Lc - 1 - oc, 0), TABLE), 0)             # g^(2Lc-1-j)
+        gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)                # g^(Lc-1-i)
         DU = tl.where((r2 <= c2) & (c2 < Lc),
-                      tl.exp2(lg * tl.maximum(2 * Lf - 2 - (r2 + c2).to(ACC), 0)), 0)  # g^((Lc-1-i)+(Lc-1-j)), i<=j
-        gC = tl.exp2(lg * Lf)                                             # g^Lc
+                      _decay(lg, pw, tl.maximum(2 * Lc - 2 - (r2 + c2), 0), TABLE), 0)  # g^((Lc-1-i)+(Lc-1-j)), i<=j
+        gC = _decay(lg, pw, Lc, TABLE)                                             # g^Lc
 
         W = tl.dot(qd, tl.trans(kd), input_precision=PREC, out_dtype=ACC)       # W[r,i] = q_r.k_i
         Wd = (W * Dw).to(DOT)                                                    # [i<=j] g^(j-i) W[j,i]
@@ -217,9 +217,8 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
     if num_stages is not None:
         launch["num_stages"] = num_stages
     if mode == "chunk":
-        prec = "ieee"  # fp32 operands: full IEEE products, not TF32 (bf16/fp16/fp64 ignore it)
-        _hla2_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], *s0, *stp, cu, float(eps),
-                                 C=chunk_size, DOT=dot_dtype(q.dtype), PREC=prec, **common, **launch)
+        _hla2_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, float(eps),
+                                 C=chunk_size, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype), TABLE=sdt == torch.float64, **common, **launch)
     else:
         _hla2_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, float(eps),
                                      **common, **launch)

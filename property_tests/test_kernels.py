@@ -13,9 +13,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, note
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 
+import hla_core
 import kernels
 from hla_core import error_model
 
@@ -27,6 +28,9 @@ if not ON_GPU:
         pytest.skip("CPU kernel tests need TRITON_INTERPRET=1", allow_module_level=True)
 
 MAX_T = 300 if ON_GPU else 72
+# On the GPU every new shape/flag combination compiles a kernel; the `gpu` profile's
+# budget is spread over the parametrized cases (4 op/mode cases -> 15 examples each).
+PER_CASE = settings(max_examples=15) if ON_GPU else settings()
 MAX_D = 64 if ON_GPU else 12
 MAX_B = 3 if ON_GPU else 2
 MAX_H = 4 if ON_GPU else 3
@@ -40,76 +44,12 @@ TDT = {"float64": torch.float64, "float32": torch.float32, "float16": torch.floa
 
 
 # ----------------------------------------------------------------------------- reference
-# Stand-in until hla_core.evaluate lands: the online updates of the hla_core contract in
-# float64, anchored to the operator definitions by test_stand_in_matches_definition.
+# The generated float64 references (hla_core, derived and proved by the engine).
 
 def reference(op, q, k, v, *, gamma=1.0, normalize=False, eps=1e-6, initial_state=None,
               return_state=False):
-    T, d = q.shape
-    dv = v.shape[1]
-    g = float(gamma)
-    st0 = initial_state or {}
-    z = lambda *s: np.zeros(s)  # noqa: E731
-    o = np.zeros((T, dv))
-    if op == "hla2":
-        S = np.array(st0.get("KK", z(d, d)), dtype=np.float64)
-        X = np.array(st0.get("KK_QV", z(d, dv)), dtype=np.float64)
-        X1 = np.array(st0.get("KK_Q1", z(d, 1)), dtype=np.float64)[:, 0]
-        for t in range(T):
-            S = g * S + np.outer(k[t], k[t])
-            sq = S @ q[t]
-            X = g * g * X + np.outer(sq, v[t])
-            X1 = g * g * X1 + sq
-            o[t] = q[t] @ X
-            if normalize:
-                o[t] /= q[t] @ X1 + eps
-        state = {"KK": S, "KK_QV": X}
-        if normalize:
-            state["KK_Q1"] = X1[:, None]
-    else:
-        P = np.array(st0.get("KV", z(d, dv)), dtype=np.float64)
-        E = np.array(st0.get("KQ_KV", z(d, dv)), dtype=np.float64)
-        p1 = np.array(st0.get("K1", z(d, 1)), dtype=np.float64)[:, 0]
-        e1 = np.array(st0.get("KQ_K1", z(d, 1)), dtype=np.float64)[:, 0]
-        for t in range(T):
-            P = g * P + np.outer(k[t], v[t])
-            E = g * E + np.outer(k[t], q[t] @ P)
-            p1 = g * p1 + k[t]
-            e1 = g * e1 + k[t] * (q[t] @ p1)
-            o[t] = q[t] @ E
-            if normalize:
-                o[t] /= q[t] @ e1 + eps
-        state = {"KV": P, "KQ_KV": E}
-        if normalize:
-            state["K1"], state["KQ_K1"] = p1[:, None], e1[:, None]
-    return (o, state) if return_state else o
-
-
-def definition(op, q, k, v, gamma):
-    """The operators of operators.md, summed term by term (quadratic), float64."""
-    T = q.shape[0]
-    W = q @ k.T
-    o = np.zeros((T, v.shape[1]))
-    for t in range(T):
-        c = np.zeros(T)
-        for i in range(t + 1):
-            for j in range(t + 1):
-                if op == "hla2" and i <= j:
-                    c[j] += gamma ** ((t - i) + (t - j)) * W[t, i] * W[j, i]
-                elif op == "ahla" and j <= i:
-                    c[j] += gamma ** (t - j) * W[t, i] * W[i, j]
-        o[t] = c @ v
-    return o
-
-
-@given(op=st.sampled_from(["hla2", "ahla"]), T=st.integers(1, 7), d=st.integers(1, 4),
-       dv=st.integers(1, 3), gamma=st.floats(0.1, 1.0), seed=st.integers(0, 2 ** 31 - 1))
-def test_stand_in_matches_definition(op, T, d, dv, gamma, seed):
-    rng = np.random.default_rng(seed)
-    q, k, v = rng.standard_normal((T, d)), rng.standard_normal((T, d)), rng.standard_normal((T, dv))
-    ref = definition(op, q, k, v, gamma)
-    got = reference(op, q, k, v, gamma=gamma)
-    assert np.linalg.norm(got - ref) <= 1e-12 * max(np.linalg.norm(ref), 1e-300)
+    return hla_core.evaluate(op, q, k, v, form="recurrent", gamma=gamma, normalize=normalize, eps=eps,
+                             initial_state=initial_state, return_state=return_state)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -151,7 +91,10 @@ def make_inputs(p):
         if hi > lo:  # adversarial magnitudes: every token/head row scaled by 2^U(lo, hi)
             x = x * 2.0 ** rng.uniform(lo, hi, size=shape[:3] + (1,))
         return x
-    q, k, v = draw(B, T, H, d), draw(B, T, H, d), draw(B, T, H, dv)
+    # attention-style scaling d^-1/2 on q and k; fp16 also scales v by 1/T so that the
+    # output (which grows like T^2 for HLA) stays inside fp16's range (the model's domain)
+    q, k = draw(B, T, H, d) * d ** -0.5, draw(B, T, H, d) * d ** -0.5
+    v = draw(B, T, H, dv) / (T if p["dtype"] == "float16" else 1)
     tq = [torch.tensor(x).to(TDT[p["dtype"]]) for x in (q, k, v)]
     # the reference sees exactly the values the kernel sees (inputs rounded to dtype)
     nq = [x.double().numpy() for x in tq]
@@ -222,7 +165,7 @@ def check_against_reference(p, o, nq, init_state=None, final_state=None, rel_tol
                                        initial_state=init, return_state=True)
             absinit = {kk: np.abs(x) for kk, x in init.items()} if init is not None else None
             num_abs = reference(p["op"], np.abs(q[sl]), np.abs(k[sl]), np.abs(v[sl]), gamma=g,
-                                initial_state=absinit)
+                                initial_state=_num_state(p["op"], absinit))
             kw = {}
             if p["normalize"]:
                 ones = np.ones((e - s, 1))
@@ -254,6 +197,14 @@ def check_against_reference(p, o, nq, init_state=None, final_state=None, rel_tol
     return worst
 
 
+def _num_state(op, init):
+    """The numerator (unnormalized) part of a state dict."""
+    if init is None:
+        return None
+    keys = ("KK", "KK_QV") if op == "hla2" else ("KV", "KQ_KV")
+    return {kk: init[kk] for kk in keys}
+
+
 def _ones_state(op, init):
     """The v -> 1 part of a state dict (denominator of the normalized form)."""
     if init is None:
@@ -269,6 +220,7 @@ OPS_MODES = pytest.mark.parametrize("op,mode", list(FNS), ids=["_".join(k) for k
 
 
 @OPS_MODES
+@PER_CASE
 @given(data=st.data())
 def test_float64_matches_reference(op, mode, data):
     """float64 end to end: <= 1e-10 relative, and the final state equals the reference state."""
@@ -282,6 +234,7 @@ def test_float64_matches_reference(op, mode, data):
 
 @OPS_MODES
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@PER_CASE
 @given(data=st.data())
 def test_low_precision_within_error_model(op, mode, dtype, data):
     """fp32 / fp16 / bf16 inputs (fp32 accumulation) stay inside the derived bound."""
@@ -293,6 +246,7 @@ def test_low_precision_within_error_model(op, mode, dtype, data):
 
 
 @OPS_MODES
+@PER_CASE
 @given(data=st.data())
 def test_adversarial_magnitudes(op, mode, data):
     """Rows scaled by 2^U(-12, 12): errors stay inside the bound relative to |op|."""
@@ -304,6 +258,7 @@ def test_adversarial_magnitudes(op, mode, data):
 
 
 @pytest.mark.parametrize("op", ["hla2", "ahla"])
+@PER_CASE
 @given(data=st.data(),
        modes=st.tuples(st.sampled_from(["chunk", "recurrent", "reference"]),
                        st.sampled_from(["chunk", "recurrent", "reference"])),
