@@ -98,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--block-v", type=int, default=None)
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--num-stages", type=int, default=None)
+    ap.add_argument("--sweep", action="store_true", help="sweep chunk size, value block, warps first")
     args = ap.parse_args(argv)
     import triton
     import kernels
@@ -125,6 +126,36 @@ def main(argv=None):
     rel = ((kernels.chunk_ahla(q, k, v, gamma=GAMMA, **kw)[0].double() - refa).norm() / refa.norm()).item()
     print(f"[bench] check chunk_ahla bf16 vs float64 kernel: rel err {rel:.2e}", flush=True)
 
+    # launch-configuration sweep at T=16K (compile + time each), best per (op, d) is used below
+    best = {}
+    if args.sweep:
+        for d in sorted({d for _, d in SHAPES}):
+            gen = torch.Generator(device=dev).manual_seed(d)
+            q, k, v = (torch.randn(B, 16384, H, d, device=dev, generator=gen, dtype=torch.bfloat16) * d ** -0.5
+                       for _ in range(3))
+            for op, fn in (("chunk_hla2", kernels.chunk_hla2), ("chunk_ahla", kernels.chunk_ahla)):
+                res = []
+                cands = ([(64, 64, 8), (64, 64, 4), (64, 128, 8), (64, 32, 4), (32, 64, 4), (32, 64, 8),
+                          (32, 128, 8), (32, 32, 4)] if op == "chunk_hla2" else
+                         [(64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 64, 4)])
+                for cs, bv, nw in cands:
+                    if True:
+                        if True:
+                            cfg = dict(chunk_size=cs, block_v=bv, num_warps=nw)
+                            try:
+                                ms = triton.testing.do_bench(
+                                    lambda: fn(q, k, v, gamma=GAMMA, check_finite=False, **cfg),
+                                    warmup=10, rep=40, return_mode="median")
+                            except Exception as exc:  # noqa: BLE001
+                                print(f"[sweep] {op} d={d} {cfg}: FAILED {type(exc).__name__}", flush=True)
+                                continue
+                            res.append((ms, cfg))
+                            print(f"[sweep] {op} T=16K d={d} {cfg}: {ms:.3f} ms", flush=True)
+                if res:
+                    best[(op, d)] = min(res, key=lambda x: x[0])[1]
+                    print(f"[sweep] best {op} d={d}: {best[(op, d)]}", flush=True)
+            del q, k, v
+
     rows = []
     shapes = SHAPES[:1] if args.quick else SHAPES
     for T, d in shapes:
@@ -134,10 +165,10 @@ def main(argv=None):
         qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         glog = torch.full((H,), math.log(GAMMA), device=dev, dtype=torch.float32)
         methods = {
-            "chunk_hla2": (lambda: kernels.chunk_hla2(q, k, v, gamma=GAMMA, check_finite=False, **kw),
-                           flops_hla2(T, d)),
-            "chunk_ahla": (lambda: kernels.chunk_ahla(q, k, v, gamma=GAMMA, check_finite=False, **kw),
-                           flops_ahla(T, d)),
+            "chunk_hla2": (lambda: kernels.chunk_hla2(q, k, v, gamma=GAMMA, check_finite=False,
+                                                      **best.get(("chunk_hla2", d), kw)), flops_hla2(T, d)),
+            "chunk_ahla": (lambda: kernels.chunk_ahla(q, k, v, gamma=GAMMA, check_finite=False,
+                                                      **best.get(("chunk_ahla", d), kw)), flops_ahla(T, d)),
             "sdpa_causal": (lambda: sdpa(qh, kh, vh, is_causal=True), flops_sdpa(T, d)),
             "torch_chunked_hla2": (lambda: torch_chunked_hla2(q, k, v, GAMMA), flops_hla2(T, d)),
         }
@@ -159,7 +190,7 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as fh:
-        json.dump(dict(gpu=name, torch=torch.__version__, triton=triton.__version__, B=B, H=H, gamma=GAMMA,
+        json.dump(dict(best={f"{o}_d{d}": c for (o, d), c in best.items()}, gpu=name, torch=torch.__version__, triton=triton.__version__, B=B, H=H, gamma=GAMMA,
                        chunk=C, rows=rows), fh, indent=1)
     print_table(rows)
     try:

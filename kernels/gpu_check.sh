@@ -17,7 +17,7 @@ for s in $steps; do
     tests)
       echo "== GPU property tests"
       HYPOTHESIS_PROFILE=gpu timeout ${TEST_TIMEOUT:-330} python3 -m pytest property_tests/test_kernels*.py -q -p no:cacheprovider \
-        -n 12 -x 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
+        -n 12 --tb=short -rf 2>&1 | grep -v -e PytestBenchmarkWarning -e "warner(" > "$OUT/tests.log"; tail -25 "$OUT/tests.log" ;;
     bench)
       echo "== benchmark"
       timeout ${BENCH_TIMEOUT:-200} python3 -m kernels.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" ;;
