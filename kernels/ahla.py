@@ -63,6 +63,8 @@ def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, pow_ptr, s0_p, s0_e, s0_p1, s0_e1,
             e1 = tl.load(s0_e1 + sbase * D + ok, mask=mk, other=0).to(ACC)
     r2 = oc[:, None]
     c2 = oc[None, :]
+    b = _decay(lg, pw, oc + 1, TABLE)                                          # g^(r+1)
+    Dw = tl.where(c2 <= r2, _decay(lg, pw, tl.maximum(r2 - c2, 0), TABLE), 0)   # g^(r-i), i<=r
     for cs in range(0, L, C):
         Lc = tl.minimum(L - cs, C)
         mr = oc < Lc
@@ -73,10 +75,8 @@ def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, pow_ptr, s0_p, s0_e, s0_p1, s0_e1,
         qd = qb.to(DOT)
         kd = kb.to(DOT)
         vd = vb.to(DOT)
-        b = tl.where(mr, _decay(lg, pw, oc + 1, TABLE), 0)                       # g^(r+1)
-        gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)                 # g^(Lc-1-j)
-        Dw = tl.where(c2 <= r2, _decay(lg, pw, tl.maximum(r2 - c2, 0), TABLE), 0)       # g^(r-i), i<=r
-        gC = _decay(lg, pw, Lc, TABLE)
+        gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)  # g^(Lc-1-j)
+        gC = _decay(lg, pw, Lc, TABLE)                                            # g^Lc
 
         W = tl.dot(qd, tl.trans(kd), input_precision=PREC, out_dtype=ACC)
         Wl = tl.where(c2 <= r2, W, 0)
@@ -92,7 +92,7 @@ def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, pow_ptr, s0_p, s0_e, s0_p1, s0_e1,
             wd1 = tl.sum(Wd, 1)
             den = b * (tl.sum(qa * e1[None, :], 1) + tl.sum(Wl * qp1[None, :], 1)) \
                 + tl.sum(Wd * wd1[None, :], 1)
-            ob = ob / (den + eps)[:, None]
+            ob = ob / (den + tl.load(eps))[:, None]
         tl.store(o + (rows[:, None] * H + h) * DV + ov[None, :], ob.to(o.dtype.element_ty),
                  mask=mr[:, None] & mv[None, :])
 
@@ -162,7 +162,7 @@ def _ahla_recurrent_kernel(q, k, v, o, gam_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, 
         if NORMALIZE:
             p1 = g * p1 + kt
             e1 = g * e1 + kt * tl.sum(qt * p1, 0)
-            ot = ot / (tl.sum(qt * e1, 0) + eps)
+            ot = ot / (tl.sum(qt * e1, 0) + tl.load(eps))
         tl.store(o + (row * H + h) * DV + ov, ot.to(o.dtype.element_ty), mask=mv)
     if STORE_FINAL:
         tl.store(st_p + sbase * D * DV + ok[:, None] * DV + ov[None, :], P.to(st_p.dtype.element_ty),
@@ -209,10 +209,10 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
     if num_stages is not None:
         launch["num_stages"] = num_stages
     if mode == "chunk":
-        _ahla_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, float(eps),
+        _ahla_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
                                  C=chunk_size, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype), TABLE=sdt == torch.float64, **common, **launch)
     else:
-        _ahla_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, float(eps),
+        _ahla_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
                                      **common, **launch)
     return o, fin
 

@@ -67,6 +67,11 @@ def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, pow_ptr, s0_kk, s0_x, s0_x1, st_kk
 
     r2 = oc[:, None]
     c2 = oc[None, :]
+    low = c2 <= r2
+    b = _decay(lg, pw, oc + 1, TABLE)                                          # g^(r+1)
+    D1 = tl.where(low, _decay(lg, pw, tl.maximum(2 * r2 - c2 + 1, 0), TABLE), 0)  # g^(2r-j+1), j<=r
+    D2 = tl.where(low, _decay(lg, pw, tl.maximum(2 * (r2 - c2), 0), TABLE), 0)    # g^(2(r-j)),  j<=r
+    DwT = tl.where(r2 <= c2, _decay(lg, pw, tl.maximum(c2 - r2, 0), TABLE), 0)    # [i,j]: g^(j-i), i<=j
     for cs in range(0, L, C):
         Lc = tl.minimum(L - cs, C)
         mr = oc < Lc
@@ -77,21 +82,18 @@ def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, pow_ptr, s0_kk, s0_x, s0_x1, st_kk
         qd = qb.to(DOT)
         kd = kb.to(DOT)
         vd = vb.to(DOT)
-        # decay factors g^n, n >= 0 (clamped where masked), zero where masked
-        b = tl.where(mr, _decay(lg, pw, oc + 1, TABLE), 0)                      # g^(r+1)
-        low = (c2 <= r2) & (r2 < Lc)
-        D1 = tl.where(low, _decay(lg, pw, tl.maximum(2 * r2 - c2 + 1, 0), TABLE), 0)   # g^(2r-j+1), j<=r
-        D2 = tl.where(low, _decay(lg, pw, tl.maximum(2 * (r2 - c2), 0), TABLE), 0)     # g^(2(r-j)),  j<=r
-        Dw = tl.where(c2 <= r2, _decay(lg, pw, tl.maximum(r2 - c2, 0), TABLE), 0)      # g^(j-i), i<=j (rows j)
-        e = tl.where(mr, _decay(lg, pw, tl.maximum(2 * Lc - 1 - oc, 0), TABLE), 0)             # g^(2Lc-1-j)
-        gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)                # g^(Lc-1-i)
-        DU = tl.where((r2 <= c2) & (c2 < Lc),
-                      _decay(lg, pw, tl.maximum(2 * Lc - 2 - (r2 + c2), 0), TABLE), 0)  # g^((Lc-1-i)+(Lc-1-j)), i<=j
-        gC = _decay(lg, pw, Lc, TABLE)                                             # g^Lc
+        # per-chunk decay vectors g^n, n >= 0 (clamped where masked), zero where masked;
+        # the C x C decay matrices do not depend on the chunk and are built before the loop
+        gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)  # g^(Lc-1-i)
+        gC = _decay(lg, pw, Lc, TABLE)                                            # g^Lc
+        e = gC * gk                                                              # g^(2Lc-1-j)
+        DU = tl.where(r2 <= c2, gk[:, None] * gk[None, :], 0)                    # g^((Lc-1-i)+(Lc-1-j)), i<=j
 
         W = tl.dot(qd, tl.trans(kd), input_precision=PREC, out_dtype=ACC)       # W[r,i] = q_r.k_i
-        Wd = (W * Dw).to(DOT)                                                    # [i<=j] g^(j-i) W[j,i]
-        A = tl.dot(W.to(DOT), tl.trans(Wd), input_precision=PREC, out_dtype=ACC) * D2
+        KQ = tl.dot(kd, tl.trans(qd), input_precision=PREC, out_dtype=ACC)      # KQ[i,j] = k_i.q_j = W[j,i]
+        # (a second dot instead of tl.trans(W): no transpose of a computed tile feeds a dot)
+        WdT = (KQ * DwT).to(DOT)                                        # [i<=j] g^(j-i) W[j,i]
+        A = tl.dot(W.to(DOT), WdT, input_precision=PREC, out_dtype=ACC) * D2
         QS = tl.dot(qd, S.to(DOT), input_precision=PREC, out_dtype=ACC)         # q_r^T S0 (S0 symmetric)
         A += tl.dot(QS.to(DOT), tl.trans(qd), input_precision=PREC, out_dtype=ACC) * D1
         ob = (b * b)[:, None] * tl.dot(qd, X.to(DOT), input_precision=PREC, out_dtype=ACC)
@@ -99,13 +101,13 @@ def _hla2_chunk_kernel(q, k, v, o, log2g_ptr, pow_ptr, s0_kk, s0_x, s0_x1, st_kk
         if NORMALIZE:
             qa = qb.to(ACC)
             den = (b * b) * tl.sum(qa * X1[None, :], 1) + tl.sum(A, 1)
-            ob = ob / (den + eps)[:, None]
+            ob = ob / (den + tl.load(eps))[:, None]
         tl.store(o + (rows[:, None] * H + h) * DV + ov[None, :], ob.to(o.dtype.element_ty),
                  mask=mr[:, None] & mv[None, :])
 
         # carry to the end of the chunk; X first (it needs S0)
         M = tl.dot(tl.trans((qb.to(ACC) * e[:, None]).to(DOT)), vd, input_precision=PREC, out_dtype=ACC)
-        U = tl.trans(W) * DU                                                     # U[i,j] = k_i.q_j g^..
+        U = KQ * DU                                                              # U[i,j] = k_i.q_j g^..
         UV = tl.dot(U.to(DOT), vd, input_precision=PREC, out_dtype=ACC)
         X = gC * gC * X + tl.dot(S.to(DOT), M.to(DOT), input_precision=PREC, out_dtype=ACC) \
             + tl.dot(tl.trans(kd), UV.to(DOT), input_precision=PREC, out_dtype=ACC)
@@ -171,7 +173,7 @@ def _hla2_recurrent_kernel(q, k, v, o, gam_ptr, s0_kk, s0_x, s0_x1, st_kk, st_x,
         ot = tl.sum(qt[:, None] * X, 0)
         if NORMALIZE:
             X1 = g * g * X1 + sq
-            ot = ot / (tl.sum(qt * X1, 0) + eps)
+            ot = ot / (tl.sum(qt * X1, 0) + tl.load(eps))
         tl.store(o + (row * H + h) * DV + ov, ot.to(o.dtype.element_ty), mask=mv)
     if STORE_FINAL:
         if iv == 0:
@@ -217,10 +219,10 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
     if num_stages is not None:
         launch["num_stages"] = num_stages
     if mode == "chunk":
-        _hla2_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, float(eps),
+        _hla2_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
                                  C=chunk_size, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype), TABLE=sdt == torch.float64, **common, **launch)
     else:
-        _hla2_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, float(eps),
+        _hla2_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
                                      **common, **launch)
     return o, fin
 
