@@ -24,6 +24,9 @@ import triton.language as tl
 from ._common import (_decay, decay_table, AHLAState, block_sizes, check_state, dot_dtype, dot_precision, prepare, tl_dtype)
 
 
+NUM_WARPS_BF16 = None  # bf16 chunk-kernel default (see _run)
+
+
 @triton.jit
 def _ahla_chunk_kernel(q, k, v, o, log2g_ptr, pow_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, st_e, st_p1, st_e1, cu, eps,
                        T, H, D, DV,
@@ -204,6 +207,13 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
                   HAS_INIT=initial_state is not None, STORE_FINAL=bool(output_final_state),
                   VARLEN=p["cu"] is not None, ACC=tl_dtype(sdt))
     launch = {}
+    if num_warps is None and mode == "chunk" and q.dtype == torch.bfloat16:
+        # measured on an H200 (triton 3.6): with 4 warps some bf16 HLA2 chunk shapes
+        # (e.g. d=33, dv=1, C=64; d=128, block_v=32) gave wrong results or an illegal
+        # memory access; 8 warps ran correctly on every shape tested (docs/benchmarks.md)
+        num_warps = NUM_WARPS_BF16
+    if num_stages is None and q.dtype == torch.float64:
+        num_stages = 1  # fp64 tiles at C=64, d=64 overflow shared memory with deeper pipelining
     if num_warps is not None:
         launch["num_warps"] = num_warps
     if num_stages is not None:
