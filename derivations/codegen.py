@@ -37,36 +37,89 @@ def _coef(c) -> str:
     return f"({s}) * "
 
 
-def _prod(items: list[str]) -> str:
-    if not items:
-        raise CodegenError("empty product")
-    return items[0] if len(items) == 1 else "(" + " @ ".join(items) + ")"
+def _emit_seq(seq, env: dict, edges=None) -> tuple[str, int]:
+    """Code for one product and its number of open holes (breaks).
+
+    Plain matrix products use `@`. A holed summary is stored densely (axes r0, c0,
+    r1, c1, ...); `R.apply` fills its holes, and a product that still contains the
+    holes of the summary being built (Ext items) is split there into an outer product
+    (`R.outer`), which is that summary's dense value."""
+    groups, cur = [], []
+    for it in seq:
+        if isinstance(it, Ext):
+            groups.append(cur)
+            cur = []
+            continue
+        if isinstance(it, Ref):
+            code = f'{env[it.seg]}["{it.name}"]'
+            passthrough = all(len(f) == 1 and f[0].coef == 1 and len(f[0].seq) == 1
+                              and isinstance(f[0].seq[0], Ext) for f in it.fillers)
+            if it.fillers and passthrough:   # M[Z1, ..., Zh]: the dense map itself
+                cur.append((code, len(it.fillers)))
+            elif it.fillers:
+                h = len(it.fillers)
+                # a hole of this map left open at a filler's edge is the identity on that axis
+                fills = [_emit_sum(list(f), env, (f"{code}.shape[{2 * k + 1 - (2 * h + 2)}]",
+                                                  f"{code}.shape[{2 * k + 2 - (2 * h + 2)}]"))
+                         for k, f in enumerate(it.fillers)]
+                code = (f"R.apply({code}, [{', '.join(c for c, _ in fills)}], "
+                        f"[{', '.join(str(b) for _, b in fills)}])")
+                cur.append((code, sum(b for _, b in fills)))
+            else:
+                cur.append((code, 0))
+        else:
+            cur.append((f'F["{it.factor}"]', 0))
+    groups.append(cur)
+    codes, ranks = [], []
+    breaks = len(groups) - 1
+    if not groups[0]:
+        if edges is None:
+            raise CodegenError("a hole at the start of a product")
+        groups[0] = [(f"R.eye({edges[0]})", 0)]
+    if not groups[-1]:
+        if edges is None:
+            raise CodegenError("a hole at the end of a product")
+        groups[-1] = [(f"R.eye({edges[1]})", 0)]
+    for g in groups:
+        breaks += sum(b for _, b in g)
+        ranks.append(2 * sum(b for _, b in g) + 2)
+        if len(g) == 1:
+            codes.append(g[0][0])
+        elif all(b == 0 for _, b in g):
+            codes.append("(" + " @ ".join(c for c, _ in g) + ")")
+        else:
+            codes.append(f"R.chain([{', '.join(c for c, _ in g)}], [{', '.join(str(b) for _, b in g)}])")
+    if len(codes) == 1:
+        return codes[0], breaks
+    return f"R.outer([{', '.join(codes)}], {ranks})", breaks
+
+
+def _emit_sum(terms, env: dict, edges=None) -> tuple[str, int]:
+    parts, breaks = [], None
+    for t in terms:
+        code, b = _emit_seq(t.seq, env, edges)
+        breaks = b if breaks is None else breaks
+        c = sympy.sympify(t.coef)
+        if c == 1:
+            parts.append(code)
+        elif b == 0:
+            parts.append(_coef(c) + code)
+        else:
+            parts.append(f"R.scale({_coef(c)[:-3]}, {code}, {2 * b + 2})")
+    return ("(" + " + ".join(parts) + ")" if len(parts) > 1 else parts[0]) if parts else "0", breaks or 0
 
 
 def _emit_terms(terms, env: dict) -> str:
-    parts = []
-    for t in terms:
-        items = []
-        for it in t.seq:
-            if isinstance(it, Ref):
-                if it.fillers:
-                    raise CodegenError("summaries with holes (sandwich maps) have no generated "
-                                       "reference code yet")
-                items.append(f'{env[it.seg]}["{it.name}"]')
-            elif isinstance(it, Tok):
-                items.append(f'F["{it.factor}"]')
-            elif isinstance(it, Ext):
-                raise CodegenError("summaries with holes have no generated reference code yet")
-        parts.append(_coef(t.coef) + _prod(items))
-    return " + ".join(parts) if parts else "0"
+    code, _ = _emit_sum(terms, env)
+    return code[1:-1] if code.startswith("(") and code.endswith(")") and len(terms) > 1 else code
+
+
+DIM = {"q": "d", "k": "d", "v": "dv", "1": "1"}
 
 
 def _shape(s: Summary) -> tuple:
-    if s.holes:
-        raise CodegenError(f"summary {s.word} has holes; no generated reference code for it yet")
-    first, last = s.slots[0][1], s.slots[-1][1]
-    dim = {"q": "d", "k": "d", "v": "dv", "1": "1"}
-    return (dim[first[0]], dim[last[1]])
+    """Dense shape: (rows, cols) of each factor run between holes."""
+    return tuple(x for run in s.chunks() for x in (DIM[run[0][0]], DIM[run[-1][1]]))
 
 
 def _spec(s: Summary) -> str:
@@ -83,6 +136,16 @@ def _spec(s: Summary) -> str:
             f"decay=({dec}{',' if len(decay) == 1 else ''}))")
 
 
+def _token_factors(terms):
+    for t in terms:
+        for it in t.seq:
+            if isinstance(it, Tok):
+                yield it.factor
+            elif isinstance(it, Ref):
+                for f in it.fillers:
+                    yield from _token_factors(list(f))
+
+
 def _part_source(syn, label: str) -> str:
     names = syn.namer.by_name
     readout_names = list(dict.fromkeys(refs_in([Term(sympy.Integer(1), syn.readout)])))
@@ -91,8 +154,7 @@ def _part_source(syn, label: str) -> str:
         for r in refs_in(syn.combine[n], "B"):
             if r not in local:
                 local.append(r)
-    factors = sorted({it.factor for n in syn.stream_state for t in syn.stream[n]
-                      for it in t.seq if isinstance(it, Tok)})
+    factors = sorted(set(_token_factors([t for n in syn.stream_state for t in syn.stream[n]])))
     specs = list(dict.fromkeys(syn.stream_state + syn.carry_state + local + syn.scan_state))
     L = []
     L.append(f"def _{label}_update(S, F, g):")
@@ -174,7 +236,7 @@ def reference_function(d, form: str, backend: str):
         raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    name = d.pattern.name or "pattern_" + hashlib.sha256(
-        module_source.__name__.encode() + d.pattern.expr.encode()).hexdigest()[:8]
+    p = d.pattern
+    name = p.name or "pattern_" + hashlib.sha256(f"{p.expr}|{p.where}|{p.decay}".encode()).hexdigest()[:8]
     mod = load_module(module_source(d, name), name)
     return mod.reference(form, backend)

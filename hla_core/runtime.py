@@ -161,6 +161,54 @@ def apply(tensor, fillers):
     return np.einsum(",".join(ops) + "->..." + ax[0] + ax[-1], tensor, *fillers)
 
 
+def apply(M, fillers, breaks):
+    """Fill the holes of a dense map M (axes r0, c0, ..., rh, ch after any batch axes).
+    Filler k has 2*breaks[k] + 2 axes (its own open holes); they take the place of hole k."""
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    h = len(fillers)
+    m_ax = [next(letters) for _ in range(2 * h + 2)]
+    subs, out = ["..." + "".join(m_ax)], [m_ax[0]]
+    for k, b in enumerate(breaks):
+        inner = [next(letters) for _ in range(2 * b)]
+        subs.append("..." + m_ax[2 * k + 1] + "".join(inner) + m_ax[2 * k + 2])
+        out += inner
+    out.append(m_ax[-1])
+    return np.einsum(",".join(subs) + "->..." + "".join(out), M, *fillers)
+
+
+def chain(values, breaks):
+    """Product of open values: the last axis of each meets the first axis of the next."""
+    out, b_out = values[0], breaks[0]
+    for x, b in zip(values[1:], breaks[1:]):
+        letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+        la = [next(letters) for _ in range(2 * b_out + 2)]
+        lb = [la[-1]] + [next(letters) for _ in range(2 * b + 1)]
+        out = np.einsum(f"...{''.join(la)},...{''.join(lb)}->...{''.join(la[:-1] + lb[1:])}", out, x)
+        b_out += b
+    return out
+
+
+def outer(values, ranks):
+    """Outer product of open values with the given non-batch ranks: the hole between
+    consecutive values stays open (any leading token axes broadcast)."""
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    subs = ["".join(next(letters) for _ in range(r)) for r in ranks]
+    return np.einsum(",".join("..." + x for x in subs) + "->..." + "".join(subs), *values)
+
+
+def eye(n):
+    return np.eye(n)
+
+
+def scale(c, x, rank):
+    """c * x where c is a scalar or a per-token vector (shape (n, 1, 1)) and x has
+    `rank` axes after an optional leading token axis."""
+    if np.ndim(c) == 0:
+        return c * x
+    c = np.reshape(c, (-1,) + (1,) * rank)
+    return c * x
+
+
 def token_factors(names, q, k, v, t, be):
     out = {}
     for f in names:

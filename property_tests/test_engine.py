@@ -22,16 +22,22 @@ LETTERS = "iujwx"
 
 @st.composite
 def patterns(draw):
-    """Random chains of 1-4 factors, random order relations, random decay."""
+    """Random chains of 1-4 factors (an index may come back: sandwich maps), random
+    order relations, random decay."""
     n = draw(st.integers(1, 4))
-    idx = LETTERS[:n]
+    chain = []
+    for pos in range(n):
+        fresh = LETTERS[len(set(chain))]
+        back = [x for x in set(chain) if x != (chain[-1] if chain else None)]
+        chain.append(draw(st.sampled_from(back + [fresh] * 3)) if back else fresh)
+    idx = list(dict.fromkeys(chain))
     vec = lambda: draw(st.sampled_from("qk"))
     dots, prev = [], ("t", vec())
-    for x in idx:
+    for x in chain:
         a = vec()
         dots.append(f"dot({prev[1]}_{prev[0]},{a}_{x})")
         prev = (x, vec())
-    expr = " * ".join(dots + [f"v_{idx[-1]}"])
+    expr = " * ".join(dots + [f"v_{chain[-1]}"])
     clauses = []
     for x in idx:
         clauses.append(f"{x} {draw(st.sampled_from(['<=', '<=', '<']))} t")
