@@ -9,7 +9,6 @@ print a summary table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import sympy
 
-from .summaries import Ext, Ref, Term, Tok
+from .summaries import Ext, Ref, Tok
 
 
 def evaluate(terms, alg, holes: tuple = ()):
@@ -204,17 +203,3 @@ class NumericAlgebra:
 
     def tok(self, factor):
         return self._tok(factor)
-
-
-def dense_apply(tensor, fillers):
-    """Apply a dense multilinear map, stored as the outer product of its factor
-    runs with axes (r0, c0, r1, c1, ..., rh, ch), to hole fillers Z_1..Z_h
-    (Z_k joins c_{k-1} to r_k). Leading batch axes of `tensor` are kept."""
-    if any(z is None for z in fillers):
-        return None
-    h = len(fillers)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    ax = [letters[n] for n in range(2 * h + 2)]
-    spec = "..." + "".join(ax)
-    ops = [spec] + [ax[2 * k + 1] + ax[2 * k + 2] for k in range(h)]
-    return np.einsum(",".join(ops) + "->..." + ax[0] + ax[-1], tensor, *fillers)

@@ -16,7 +16,6 @@ the smallest counterexample a search over exact rational inputs finds.
 """
 from __future__ import annotations
 
-import itertools
 import random
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -311,9 +310,6 @@ def _eval_delta(delta, norm, A, gamma):
 # ---------------------------------------------------------------------------
 # Numbers: serial runs, scans in every bracketing, counterexample search
 
-VEC_OF = {"q": 0, "k": 1, "v": 2}
-
-
 def token_factor(f, q, k, v, t):
     vec = {"q": q, "k": k, "v": v}
     a = vec[f[0]][t]
@@ -422,7 +418,7 @@ def same(a, b) -> bool:
         return False
 
 
-def operator_numeric(pattern: Pattern, q, k, v, gamma, normalize=False):
+def operator_numeric(pattern: Pattern, q, k, v, gamma):
     """Exact operator outputs (numerator, denominator) per token."""
     num = brute_numeric(pattern, q, k, v, gamma)
     den = brute_numeric(pattern.denominator(), q, k, np.ones((q.shape[0], 1), dtype=int).astype(object) *

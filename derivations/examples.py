@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from fractions import Fraction
 
-import numpy as np
 
 from .codegen import CodegenError
 from .definitions import Matrix, brute_numeric, rational_inputs

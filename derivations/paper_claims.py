@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import sympy
 
 from hla_core.registry import OPERATORS
@@ -243,10 +242,6 @@ SECOND_ORDER = {c[0] for c in CLAIMS[:17]}
 # ---------------------------------------------------------------------------
 # Judging
 
-def _num_state(x):
-    return None if x is None else x
-
-
 def _ident_search(system, pattern, decay):
     def check(q, k, v, gamma):
         states_ = run_serial(system, q, k, v, gamma)
@@ -292,8 +287,6 @@ def _assoc_search(cb: Combine):
 
 
 def _alg_search(cb: Combine, lines: System, pattern, names):
-    from .algebra import NumericAlgebra, evaluate
-    from .claims import _num_coef, token_factor, to_terms
 
     def check(q, k, v, gamma):
         T = q.shape[0]
@@ -351,7 +344,7 @@ def judge(claim) -> dict:
         if not ok:
             cex = search(_states_search(pl["a"], pl["b"], pl["names"]), pl["decay"])
     elif kind == "derived":
-        from .claims import prove_systems_agree as _agree, system_psums
+        from .claims import system_psums
         from .weights import compare
         from .claims import PREFIX
         res = {}

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from functools import lru_cache
 
 import sympy
 
 from .algebra import (Segment, SympyAlgebra, base_segment, evaluate, nc_symbol,
-                      symbolic_segment, token_segment, zero_segment)
+                      token_segment, zero_segment)
 from .engine import Certificate, Derivation, Synthesis
 from .summaries import END, GAMMA, Summary, Term
 from .weights import Context, Fresh, compare, formula_psums, summary_psums

@@ -9,7 +9,6 @@ backend (float64 or mpmath) and the checks live here, once.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from dataclasses import dataclass
 
 import mpmath
@@ -150,15 +149,6 @@ def masked_sum(spec: Spec, q, k, v, gamma, be: Backend, per_t: bool, t_vec: str 
     if be.exact:
         return np.einsum(expr, *ops)
     return np.einsum(expr, *ops, optimize="greedy")
-
-
-def apply(tensor, fillers):
-    """Apply a dense multilinear map (axes r0, c0, ..., rh, ch; leading batch axes
-    allowed) to its hole fillers Z_1..Z_h (Z_k joins c_{k-1} to r_k)."""
-    h = len(fillers)
-    ax = "abcdefghijklmnopqrstuvwxyz"[: 2 * h + 2]
-    ops = ["..." + ax] + ["..." + ax[2 * k + 1] + ax[2 * k + 2] for k in range(h)]
-    return np.einsum(",".join(ops) + "->..." + ax[0] + ax[-1], tensor, *fillers)
 
 
 def apply(M, fillers, breaks):

@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 from derivations import OutOfReach, Pattern, PatternError, derive
 from derivations.definitions import brute_numeric
 from derivations.proofs import prove_associativity, prove_combine, prove_streaming
-from derivations.summaries import Ref, Term
+from derivations.summaries import Term
 from hla_core import runtime
 from hla_core.error_model import output_bound
 
