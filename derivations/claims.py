@@ -27,7 +27,8 @@ from .algebra import NumericAlgebra, Segment, combine_segments, base_segment, ev
 from .definitions import _pattern_psums, brute_numeric, rational_inputs
 from .pattern import Pattern
 from .summaries import GAMMA, Ext, Ref, Term, Tok
-from .weights import Context, Fresh, PSum, bound_le, compare, lin_add, psum_mul
+from .weights import (Context, Fresh, PSum, PSumAlgebra, bound_le, coef_to_lin, compare, lin_add,
+                      psum_mul)
 
 RHO_A = sympy.Symbol("rho_A", positive=True)
 RHO_B = sympy.Symbol("rho_B", positive=True)
@@ -146,6 +147,8 @@ def _item(f):
 # ---------------------------------------------------------------------------
 # Semantics of a System: unrolled pattern sums
 
+PREFIX = Context(["p0", "p1"], set(), {"P": 1})
+
 class _Unroll:
     def __init__(self, system: System, decay: bool):
         self.norm = system.normal()
@@ -164,34 +167,19 @@ class _Unroll:
         return [psum_mul(base, x) for x in evaluate(delta, alg)]
 
 
-class _StepAlgebra:
+class _StepAlgebra(PSumAlgebra):
+    """Pattern sums of one unrolling step: token factors at the step index s, states
+    at s−1 ('prev') or s ('now') unrolled further; coefficients are powers of γ."""
+
     def __init__(self, un: _Unroll, s: str, depth: int):
+        super().__init__(PREFIX, ref=None, fresh=un.fresh)
         self.un, self.s, self.depth = un, s, depth
 
-    def zero(self):
-        return []
-
-    def one(self):
-        return [PSum(Fraction(1), (), (), ())]
-
-    def add(self, a, b):
-        return a + b
-
-    def mul(self, a, b):
-        return [psum_mul(x, y) for x in a for y in b]
-
     def scale(self, c, a):
-        c = sympy.expand(sympy.sympify(c))
         out = []
-        for term in sympy.Add.make_args(c):
-            coef, e = term.as_coeff_Mul()
-            power = 0
-            if e != 1:
-                base, power = e.as_base_exp()
-                if base != GAMMA:
-                    raise ValueError(f"coefficient {c}")
-            lin = {"1": Fraction(int(power))} if power and self.un.decay else {}
-            out += [PSum(x.coef * Fraction(str(coef)), x.word, x.cons,
+        for coef, lin in coef_to_lin(c, self.ctx):
+            lin = lin if self.un.decay else {}
+            out += [PSum(x.coef * coef, x.word, x.cons,
                          tuple(sorted(lin_add(dict(x.lin), lin).items()))) for x in a]
         return out
 
@@ -208,9 +196,6 @@ def system_psums(system: System, expr, decay: bool) -> list[PSum]:
     alg = _StepAlgebra(un, "p1", -1)
     alg.ref = lambda seg, name, fillers: un.state(name, ("p1", 0 if seg == "now" else -1))
     return evaluate(to_terms(expr), alg)
-
-
-PREFIX = Context(["p0", "p1"], set(), {"P": 1})
 
 
 def prove_system_equals_pattern(system: System, pattern: Pattern, decay: bool) -> dict:
@@ -317,21 +302,24 @@ def token_factor(f, q, k, v, t):
     return np.multiply.outer(a, b)
 
 
+def serial_step(norm: dict, prev: dict, q, k, v, t: int, gamma) -> dict:
+    """States at token t from the states at t−1 (`norm` = System.normal(); None = zero)."""
+    now: dict = {}
+    for name, (c, delta) in norm.items():
+        alg = NumericAlgebra(
+            ref=lambda seg, m, fl: prev.get(m) if seg == "prev" else now.get(m),
+            tok=lambda f: token_factor(f, q, k, v, t),
+            coef=lambda cc: _num_coef(cc, gamma))
+        now[name] = alg.add(alg.scale(GAMMA ** c, prev.get(name)), evaluate(delta, alg))
+    return now
+
+
 def run_serial(system: System, q, k, v, gamma) -> list[dict]:
-    """States after each token (None stands for a zero state)."""
-    norm = system.normal()
-    prev: dict = {}
-    out = []
+    """States after each token."""
+    norm, prev, out = system.normal(), {}, []
     for t in range(q.shape[0]):
-        now: dict = {}
-        for name, (c, delta) in norm.items():
-            alg = NumericAlgebra(
-                ref=lambda seg, m, fl: prev.get(m) if seg == "prev" else now.get(m),
-                tok=lambda f: token_factor(f, q, k, v, t),
-                coef=lambda cc: _num_coef(cc, gamma))
-            now[name] = alg.add(alg.scale(GAMMA ** c, prev.get(name)), evaluate(delta, alg))
-        out.append(now)
-        prev = now
+        prev = serial_step(norm, prev, q, k, v, t, gamma)
+        out.append(prev)
     return out
 
 

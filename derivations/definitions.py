@@ -12,7 +12,6 @@ T (order types) and checks it exactly on small rational inputs.
 from __future__ import annotations
 
 import ast
-import itertools
 import random
 import time
 from fractions import Fraction
@@ -152,20 +151,14 @@ def brute_numeric(p: Pattern, q, k, v, gamma) -> np.ndarray:
     """o_t straight from the pattern's definition (exact for Fraction inputs)."""
     T = q.shape[0]
     vec = {"q": q, "k": k, "v": v, "1": np.ones((T, 1), dtype=int).astype(object)}
-    coeffs = dict(p.decay_coeffs)
     out = []
     for t in range(T):
         acc = None
-        for tup in itertools.product(range(T), repeat=len(p.indices)):
-            val = dict(zip(p.indices, tup))
-            val["t"] = t
-            if not all({"<=": val[c.a] <= val[c.b], "<": val[c.a] < val[c.b],
-                        "==": val[c.a] == val[c.b]}[c.op] for c in p.constraints):
-                continue
+        for val, expo in p.valuations(range(T), t):
             x = vec[p.t_vec][t]
             for s in p.slots:
                 x = x @ np.outer(vec[s.in_vec][val[s.var]], vec[s.out_vec][val[s.var]])
-            w = gamma ** int(sum(c * (t - val[y]) for y, c in coeffs.items()))
+            w = gamma ** (int(expo) if expo.denominator == 1 else float(expo))
             acc = w * x if acc is None else acc + w * x
         out.append(acc if acc is not None else np.zeros(vec[p.slots[-1].out_vec].shape[1], dtype=int) * Fraction(0))
     return np.array(out)

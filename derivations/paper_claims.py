@@ -22,7 +22,8 @@ from hla_core.registry import OPERATORS
 
 from .claims import (Combine, Def, Rec, System, _fmt, operator_numeric, prove_associative,
                      prove_compatible, prove_system_equals_pattern, prove_systems_agree,
-                     readout_numeric, run_serial, same, scan_numeric, search, states, tokens)
+                     readout_numeric, run_serial, same, scan_numeric, search, serial_step, states,
+                     tokens)
 from .proofs import bracketings
 from .summaries import GAMMA
 
@@ -295,7 +296,7 @@ def _alg_search(cb: Combine, lines: System, pattern, names):
             prefixes = [None] if t == 1 else list(bracketings(1, t - 1))
             for tree in prefixes:
                 prev = {} if tree is None else scan_numeric(cb, tree, q, k, v, gamma)[0]
-                inc = _inclusive(lines, prev, q, k, v, t - 1, gamma)
+                inc = serial_step(lines.normal(), prev, q, k, v, t - 1, gamma)
                 for part, expr, want in (("numerator", lines.readout, num[t - 1]),
                                          ("denominator", lines.readout_den, den[t - 1])):
                     got = readout_numeric(expr, inc, q[t - 1])
@@ -304,17 +305,6 @@ def _alg_search(cb: Combine, lines: System, pattern, names):
                                 "algorithm": _fmt(got), "definition": _fmt(want)}
         return None
     return check
-
-
-def _inclusive(lines: System, prev: dict, q, k, v, t, gamma) -> dict:
-    from .algebra import NumericAlgebra, evaluate
-    from .claims import _num_coef, token_factor
-    now: dict = {}
-    for name, (c, delta) in lines.normal().items():
-        alg = NumericAlgebra(ref=lambda seg, m, fl: prev.get(m) if seg == "prev" else now.get(m),
-                             tok=lambda f: token_factor(f, q, k, v, t), coef=lambda cc: _num_coef(cc, gamma))
-        now[name] = alg.add(alg.scale(GAMMA ** c, prev.get(name)), evaluate(delta, alg))
-    return now
 
 
 def _weights_summary(results: dict) -> dict:

@@ -10,6 +10,7 @@ Replacing `v_c` by the scalar 1 gives the normalizing denominator (factor 'q1').
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -193,6 +194,16 @@ class Pattern:
         last = self.slots[-1]
         expr = re.sub(rf"\bv_{last.var}\b", f"1_{last.var}", self.expr)
         return Pattern(expr, self.where, self.decay, self.name)
+
+    def valuations(self, tokens, t):
+        """Brute force: every assignment of the indices to `tokens` that satisfies the
+        constraints for output token t, with its γ exponent Σ c_x (t − x)."""
+        holds = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, "==": lambda a, b: a == b}
+        idx, coeffs = self.indices, dict(self.decay_coeffs)
+        for tup in itertools.product(tokens, repeat=len(idx)):
+            val = dict(zip(idx, tup), t=t)
+            if all(holds[c.op](val[c.a], val[c.b]) for c in self.constraints):
+                yield val, sum((c * (t - val[x]) for x, c in coeffs.items()), Fraction(0))
 
     def __str__(self) -> str:
         parts = [f"o_t = Σ [{self.where or 'all indices ≤ t'}]"]

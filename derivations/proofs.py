@@ -198,19 +198,12 @@ def brute_nc(s: Summary, T: int, gamma, zs=()) -> sympy.Expr:
 
 def brute_pattern_nc(p, T: int, gamma) -> sympy.Expr:
     """o_T (without the leading x_Tᵀ) straight from the Pattern's own constraints."""
-    idx = p.indices
-    coeffs = dict(p.decay_coeffs)
     total = sympy.Integer(0)
-    for tup in itertools.product(range(1, T + 1), repeat=len(idx)):
-        val = dict(zip(idx, tup))
-        val["t"] = T
-        if not all({"<=": val[c.a] <= val[c.b], "<": val[c.a] < val[c.b],
-                    "==": val[c.a] == val[c.b]}[c.op] for c in p.constraints):
-            continue
+    for val, expo in p.valuations(range(1, T + 1), T):
         word = sympy.Integer(1)
         for sl in p.slots:
             word = word * nc_symbol(f"{sl.factor}_{val[sl.var]}")
-        total += gamma ** sum((c * (T - val[x]) for x, c in coeffs.items()), 0) * word
+        total += gamma ** sympy.Rational(expo.numerator, expo.denominator) * word
     return sympy.expand(total)
 
 
