@@ -41,6 +41,11 @@ def nc_symbol(name: str) -> sympy.Symbol:
     return sympy.Symbol(name, commutative=False)
 
 
+def hole_symbols(n: int) -> tuple:
+    """Z1..Zn: noncommutative placeholders for the holes of a summary."""
+    return tuple(nc_symbol(f"Z{k + 1}") for k in range(n))
+
+
 def linear_apply(fname: str, args: list) -> sympy.Expr:
     """f(args) for an undefined multilinear noncommutative map f, expanded:
     sums in the arguments distribute and commutative coefficients move out."""

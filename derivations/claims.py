@@ -23,7 +23,8 @@ from fractions import Fraction
 import numpy as np
 import sympy
 
-from .algebra import NumericAlgebra, Segment, combine_segments, base_segment, evaluate, zero_segment
+from .algebra import (NumericAlgebra, Segment, base_segment, combine_segments, evaluate, hole_symbols,
+                      zero_segment)
 from .definitions import _pattern_psums, brute_numeric, rational_inputs
 from .pattern import Pattern
 from .summaries import GAMMA, Ext, Ref, Term, Tok
@@ -235,10 +236,6 @@ class Combine:
         return {n: to_terms(e) for n, e in self.token.items()}
 
 
-def _zs(n):
-    return tuple(nc(f"Z{k + 1}") for k in range(n))
-
-
 def prove_associative(cb: Combine) -> dict:
     f = cb.terms()
     A, B, C = (base_segment(s, cb.holes, cb.decayed) for s in "ABC")
@@ -246,12 +243,12 @@ def prove_associative(cb: Combine) -> dict:
     right = combine_segments(f, A, combine_segments(f, B, C))
     diffs = {}
     for n in f:
-        diff = sympy.expand(left.read(n, _zs(cb.holes.get(n, 0))) - right.read(n, _zs(cb.holes.get(n, 0))))
+        diff = sympy.expand(left.read(n, hole_symbols(cb.holes.get(n, 0))) - right.read(n, hole_symbols(cb.holes.get(n, 0))))
         if diff != 0:
             diffs[n] = diff
     E = zero_segment()
-    neutral = all(sympy.expand(combine_segments(f, E, A).read(n, _zs(cb.holes.get(n, 0)))
-                               - A.read(n, _zs(cb.holes.get(n, 0)))) == 0 for n in f)
+    neutral = all(sympy.expand(combine_segments(f, E, A).read(n, hole_symbols(cb.holes.get(n, 0)))
+                               - A.read(n, hole_symbols(cb.holes.get(n, 0)))) == 0 for n in f)
     return {"holds": not diffs, "diffs": diffs, "neutral": neutral, "summaries": list(f)}
 
 

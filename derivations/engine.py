@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from .algebra import SympyAlgebra, evaluate, linear_apply, nc_symbol
+from .algebra import SympyAlgebra, evaluate, hole_symbols, linear_apply, nc_symbol
 from .pattern import Pattern
 from .summaries import (END, GAMMA, Namer, OutOfReach, Summary, Term, closure, embed,
                         reduced_relations, refs_in, top_readout)
@@ -72,12 +72,12 @@ class Synthesis:
 
     def updates_sympy(self) -> dict:
         alg = self._sym({"A": "{name}[t-1]"})
-        return {nc_symbol(f"{n}[t]"): evaluate(self.stream[n], alg, _zs(self.holes[n]))
+        return {nc_symbol(f"{n}[t]"): evaluate(self.stream[n], alg, hole_symbols(self.holes[n]))
                 for n in self.stream_state}
 
     def combine_sympy(self) -> dict:
         alg = self._sym({"A": "{name}_A", "B": "{name}_B"})
-        return {n: evaluate(self.combine[n], alg, _zs(self.holes[n])) for n in self.scan_state}
+        return {n: evaluate(self.combine[n], alg, hole_symbols(self.holes[n])) for n in self.scan_state}
 
     def readout_sympy(self):
         alg = self._sym({"P": "{name}[t]"})
@@ -103,10 +103,6 @@ class Synthesis:
             B = end if b == END else xs[b]
             conds.append({"<=": sympy.Le, "<": sympy.Lt, "==": sympy.Eq}[op](A, B))
         return weight * word, sympy.And(*conds)
-
-
-def _zs(n: int) -> tuple:
-    return tuple(nc_symbol(f"Z{k + 1}") for k in range(n))
 
 
 def synthesize(p: Pattern, namer: Namer | None = None) -> Synthesis:

@@ -22,7 +22,7 @@ import time
 
 import sympy
 
-from .algebra import (Segment, SympyAlgebra, base_segment, evaluate, nc_symbol,
+from .algebra import (Segment, SympyAlgebra, base_segment, evaluate, hole_symbols, nc_symbol,
                       token_segment, zero_segment)
 from .engine import Certificate, Derivation, Synthesis
 from .summaries import END, GAMMA, Summary, Term
@@ -96,10 +96,6 @@ def prove_combine(syn: Synthesis, part: str, decay: bool) -> Certificate:
     return _weights_cert("segment summaries and ⊕ (summary of a concatenation)", checks, part, decay)
 
 
-def _zs(n):
-    return tuple(nc_symbol(f"Z{k + 1}") for k in range(n))
-
-
 def _combine(syn: Synthesis, left: Segment, right: Segment) -> Segment:
     from .algebra import combine_segments
     return combine_segments(syn.combine, left, right)
@@ -112,7 +108,7 @@ def prove_associativity(syn: Synthesis, part: str, decay: bool) -> Certificate:
     right = _combine(syn, A, _combine(syn, B, C))
     failures, nterms = [], 0
     for name in syn.scan_state:
-        zs = _zs(holes[name])
+        zs = hole_symbols(holes[name])
         lhs, rhs = left.read(name, zs), right.read(name, zs)
         nterms += len(sympy.Add.make_args(lhs))
         if sympy.expand(lhs - rhs) != 0:
@@ -124,7 +120,7 @@ def prove_associativity(syn: Synthesis, part: str, decay: bool) -> Certificate:
         E = zero_segment()
         neutral = True
         for name in syn.scan_state:
-            zs = _zs(holes[name])
+            zs = hole_symbols(holes[name])
             a = A.read(name, zs)
             for seg in (_combine(syn, E, A), _combine(syn, A, E)):
                 if sympy.expand(seg.read(name, zs) - a) != 0:
@@ -144,7 +140,7 @@ def _serial_step(syn: Synthesis, prev: dict, token, gamma) -> dict:
         alg = SympyAlgebra(ref=lambda seg, n, f: prev[n](f),
                            tok=lambda f: nc_symbol(f"{f}_{token}"),
                            coef=lambda c: sympy.sympify(c).subs(GAMMA, gamma))
-        out[name] = sympy.expand(evaluate(syn.stream[name], alg, _zs(holes[name])))
+        out[name] = sympy.expand(evaluate(syn.stream[name], alg, hole_symbols(holes[name])))
     return out
 
 
@@ -160,7 +156,7 @@ def prove_scan(syn: Synthesis, part: str, decay: bool) -> Certificate:
     zero_prev = {n: (lambda f: sympy.Integer(0)) for n in syn.scan_state}
     first = _serial_step(syn, zero_prev, "t", gamma)
     for name in syn.stream_state:
-        zs = _zs(holes[name])
+        zs = hole_symbols(holes[name])
         if sympy.expand(joined.read(name, zs) - serial[name]) != 0:
             failures.append(f"{name}: X ⊕ [t] differs from the serial update")
         if sympy.expand(tok.read(name, zs) - first[name]) != 0:
@@ -233,14 +229,14 @@ def prove_exact(syn: Synthesis, part: str, decay: bool, T_max: int) -> Certifica
         return sympy.expand(evaluate([Term(sympy.Integer(1), syn.readout)], alg))
 
     for T in range(1, T_max + 1):
-        want = {n: brute_nc(syn.namer.by_name[n], T, gamma, _zs(holes[n])) for n in syn.scan_state}
+        want = {n: brute_nc(syn.namer.by_name[n], T, gamma, hole_symbols(holes[n])) for n in syn.scan_state}
         want_out = brute_pattern_nc(syn.pattern, T, gamma)
         for tree in bracketings(1, T):
             n_brackets += 1
             seg = build(tree)
             for n in syn.scan_state:
                 n_compared += 1
-                if sympy.expand(seg.read(n, _zs(holes[n])) - want[n]) != 0:
+                if sympy.expand(seg.read(n, hole_symbols(holes[n])) - want[n]) != 0:
                     failures.append(f"T={T} bracketing {tree}: {n}")
             n_compared += 1
             if readout_of(seg.read) != want_out:
@@ -248,11 +244,11 @@ def prove_exact(syn: Synthesis, part: str, decay: bool, T_max: int) -> Certifica
     state = {n: (lambda f: sympy.Integer(0)) for n in syn.scan_state}
     for t in range(1, T_max + 1):
         vals = _serial_step(syn, state, t, gamma)
-        state = {n: (lambda f, e=vals[n], n=n: e.subs(dict(zip(_zs(holes[n]), f))))
+        state = {n: (lambda f, e=vals[n], n=n: e.subs(dict(zip(hole_symbols(holes[n]), f))))
                  for n in syn.stream_state}
         for n in syn.stream_state:
             n_compared += 1
-            if sympy.expand(vals[n] - brute_nc(syn.namer.by_name[n], t, gamma, _zs(holes[n]))) != 0:
+            if sympy.expand(vals[n] - brute_nc(syn.namer.by_name[n], t, gamma, hole_symbols(holes[n]))) != 0:
                 failures.append(f"serial t={t}: {n}")
         n_compared += 1
         if readout_of(lambda n, f: state[n](f)) != brute_pattern_nc(syn.pattern, t, gamma):
