@@ -151,6 +151,31 @@ def combine_segments(formulas: dict, left: Segment, right: Segment) -> Segment:
     return Segment(read, sympy.expand(left.rho * right.rho))
 
 
+def associativity(formulas: dict, holes: dict, decayed: bool, check_neutral: bool = True) -> dict:
+    """(A⊕B)⊕C − A⊕(B⊕C) for every summary, with three opaque segments; and whether
+    the empty segment (all summaries zero, ρ = 1) is neutral on both sides."""
+    A, B, C = (base_segment(s, holes, decayed) for s in "ABC")
+    left = combine_segments(formulas, combine_segments(formulas, A, B), C)
+    right = combine_segments(formulas, A, combine_segments(formulas, B, C))
+    diffs, terms = {}, 0
+    for name in formulas:
+        zs = hole_symbols(holes.get(name, 0))
+        lhs = left.read(name, zs)
+        terms += len(sympy.Add.make_args(lhs))
+        diff = sympy.expand(lhs - right.read(name, zs))
+        if diff != 0:
+            diffs[name] = diff
+    if sympy.expand(left.rho - right.rho) != 0:
+        diffs["ρ"] = sympy.expand(left.rho - right.rho)
+    neutral = None
+    if check_neutral:
+        E = zero_segment()
+        neutral = all(sympy.expand(combine_segments(formulas, *pair).read(n, hole_symbols(holes.get(n, 0)))
+                                   - A.read(n, hole_symbols(holes.get(n, 0)))) == 0
+                      for n in formulas for pair in ((E, A), (A, E)))
+    return {"holds": not diffs, "diffs": diffs, "neutral": neutral, "terms": terms}
+
+
 def token_segment(embeds: dict, token: int, gamma) -> Segment:
     """A one-token segment whose factors are the symbols f_<token>."""
     def read(name, fillers):

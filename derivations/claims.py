@@ -23,8 +23,7 @@ from fractions import Fraction
 import numpy as np
 import sympy
 
-from .algebra import (NumericAlgebra, Segment, base_segment, combine_segments, evaluate, hole_symbols,
-                      zero_segment)
+from .algebra import (NumericAlgebra, Segment, associativity, base_segment, combine_segments, evaluate)
 from .definitions import _pattern_psums, brute_numeric, rational_inputs
 from .pattern import Pattern
 from .summaries import GAMMA, Ext, Ref, Term, Tok
@@ -237,19 +236,7 @@ class Combine:
 
 
 def prove_associative(cb: Combine) -> dict:
-    f = cb.terms()
-    A, B, C = (base_segment(s, cb.holes, cb.decayed) for s in "ABC")
-    left = combine_segments(f, combine_segments(f, A, B), C)
-    right = combine_segments(f, A, combine_segments(f, B, C))
-    diffs = {}
-    for n in f:
-        diff = sympy.expand(left.read(n, hole_symbols(cb.holes.get(n, 0))) - right.read(n, hole_symbols(cb.holes.get(n, 0))))
-        if diff != 0:
-            diffs[n] = diff
-    E = zero_segment()
-    neutral = all(sympy.expand(combine_segments(f, E, A).read(n, hole_symbols(cb.holes.get(n, 0)))
-                               - A.read(n, hole_symbols(cb.holes.get(n, 0)))) == 0 for n in f)
-    return {"holds": not diffs, "diffs": diffs, "neutral": neutral, "summaries": list(f)}
+    return associativity(cb.terms(), cb.holes, cb.decayed)
 
 
 def prove_compatible(cb: Combine, serial: System, names: list[str]) -> dict:

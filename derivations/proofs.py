@@ -22,8 +22,8 @@ import time
 
 import sympy
 
-from .algebra import (Segment, SympyAlgebra, base_segment, evaluate, hole_symbols, nc_symbol,
-                      token_segment, zero_segment)
+from .algebra import (Segment, SympyAlgebra, associativity, base_segment, evaluate, hole_symbols,
+                      nc_symbol, token_segment)
 from .engine import Certificate, Derivation, Synthesis
 from .summaries import END, GAMMA, Summary, Term
 from .weights import Context, Fresh, compare, formula_psums, summary_psums
@@ -102,34 +102,15 @@ def _combine(syn: Synthesis, left: Segment, right: Segment) -> Segment:
 
 
 def prove_associativity(syn: Synthesis, part: str, decay: bool) -> Certificate:
-    holes = syn.holes
-    A, B, C = (base_segment(s, holes, decay) for s in "ABC")
-    left = _combine(syn, _combine(syn, A, B), C)
-    right = _combine(syn, A, _combine(syn, B, C))
-    failures, nterms = [], 0
-    for name in syn.scan_state:
-        zs = hole_symbols(holes[name])
-        lhs, rhs = left.read(name, zs), right.read(name, zs)
-        nterms += len(sympy.Add.make_args(lhs))
-        if sympy.expand(lhs - rhs) != 0:
-            failures.append(f"{name}: (A⊕B)⊕C − A⊕(B⊕C) = {sympy.expand(lhs - rhs)}")
-    if sympy.expand(left.rho - right.rho) != 0:
-        failures.append("ρ")
-    neutral = None
-    if not syn.has_end_relations:
-        E = zero_segment()
-        neutral = True
-        for name in syn.scan_state:
-            zs = hole_symbols(holes[name])
-            a = A.read(name, zs)
-            for seg in (_combine(syn, E, A), _combine(syn, A, E)):
-                if sympy.expand(seg.read(name, zs) - a) != 0:
-                    neutral = False
-                    failures.append(f"{name}: the empty segment is not neutral")
+    res = associativity({n: syn.combine[n] for n in syn.scan_state}, syn.holes, decay,
+                        check_neutral=not syn.has_end_relations)
+    failures = [f"{n}: (A⊕B)⊕C − A⊕(B⊕C) = {d}" for n, d in res["diffs"].items()]
+    if res["neutral"] is False:
+        failures.append("the empty segment is not neutral")
     return Certificate("⊕ associativity (and neutral empty segment)",
                        "noncommutative polynomial identity (SymPy)", not failures,
-                       {"summaries": list(syn.scan_state), "terms": nterms,
-                        "neutral_element": neutral, "failures": failures}, part, decay)
+                       {"summaries": list(syn.scan_state), "terms": res["terms"],
+                        "neutral_element": res["neutral"], "failures": failures}, part, decay)
 
 
 def _serial_step(syn: Synthesis, prev: dict, token, gamma) -> dict:
