@@ -241,3 +241,28 @@ def _decay(lg, pw, n, TABLE: tl.constexpr):
         return tl.load(pw + n)
     else:
         return tl.exp2(lg * n.to(lg.dtype))
+
+
+class HLA3State(NamedTuple):
+    """Carry of HLA3 after a prefix 1..t (per sequence n and head h), gamma = decay.
+
+    KK       [N, H, d, d]  = sum_{i<=t} g^(t-i) k_i k_i^T
+    KV       [N, H, d, dv] = sum_{j<=t} g^(t-j) k_j v_j^T
+    KK_QQ_KV [N, H, d, dv] = sum_{i<=u, j<=u, u<=t} g^((t-i)+(t-u)+(t-j)) k_i k_i^T q_u q_u^T k_j v_j^T
+    K1       [N, H, d, 1], KK_QQ_K1 [N, H, d, 1]: KV and KK_QQ_KV with v_j replaced by 1
+    (only with normalize, else None). Output o_t = q_t^T KK_QQ_KV_t
+    (normalized: / (q_t^T KK_QQ_K1_t + eps)). float32, or float64 for float64 inputs.
+    Keys and meaning are those of hla_core.state_shapes("hla3", d, dv, normalize).
+    """
+    KK: torch.Tensor
+    KV: torch.Tensor
+    KK_QQ_KV: torch.Tensor
+    K1: Optional[torch.Tensor] = None
+    KK_QQ_K1: Optional[torch.Tensor] = None
+
+
+def decay_table_n(gam: torch.Tensor, n_max: int) -> torch.Tensor:
+    """[H, n_max+1] table of g_h^n, n = 0..n_max, computed in float64 (float64 kernels)."""
+    n = torch.arange(n_max + 1, dtype=torch.float64)
+    return (gam.detach().to("cpu", torch.float64)[:, None] ** n[None, :]).to(device=gam.device,
+                                                                            dtype=gam.dtype).contiguous()
