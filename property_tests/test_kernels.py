@@ -308,6 +308,53 @@ def test_state_handoff(op, data, modes, split):
             assert rel <= 1e-10, f"{modes} split {s}: relative error {rel:.3e}"
 
 
+# Shapes on which the earlier one-program bf16 HLA2 chunk kernel failed on an H200 / triton 3.6
+# (illegal memory access, or errors past the bound that depended on num_warps; docs/benchmarks.md):
+# small d / dv (blocks padded to 16), T < C, one value block of 32 at d = 128.
+# (B, T, H, d, dv, C, gamma, normalize, gpu_only)
+REGRESSION_SHAPES = [
+    (1, 40, 1, 2, 1, 64, 1.0, False, False), (1, 40, 1, 33, 1, 64, 1.0, False, False),
+    (2, 200, 3, 33, 1, 64, 0.9, True, True), (1, 17, 1, 5, 3, 16, 0.5, True, False),
+    (1, 100, 1, 64, 17, 32, 0.95, False, True), (1, 300, 2, 128, 128, 64, 0.99, False, True),
+]
+
+
+@pytest.mark.parametrize("op", ["hla2", "ahla"])
+@pytest.mark.parametrize("shape", REGRESSION_SHAPES, ids=lambda s: "B{}T{}H{}d{}dv{}C{}g{}n{}".format(*s[:8]))
+def test_bf16_regression_shapes(op, shape):
+    """bf16 chunk kernel on the shapes that broke before: inside the error-model bound, and
+    bit-identical over repeated runs (a result that moves between runs is a race or a read
+    of uninitialized memory, not rounding)."""
+    B, T, H, d, dv, C, g, norm, gpu_only = shape
+    if gpu_only and not ON_GPU:
+        pytest.skip("large shape: GPU only")
+    p = dict(op=op, B=B, T=T, H=H, d=d, dv=dv, C=C, lens=None, gamma=g, per_head=False, normalize=norm,
+             dtype="bfloat16", init=False, seed=T * 1000 + d, scale=(0, 0))
+    tq, nq = make_inputs(p)
+    outs = [run_kernel(p, "chunk", tq, output_final_state=False)[0] for _ in range(3)]
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0]), "bf16 chunk output changed between identical runs"
+    check_against_reference(p, outs[0], nq)
+
+
+@settings(max_examples=8)
+@given(data=st.data())
+def test_hla2_fused_impl_float64(data):
+    """The earlier one-program chunk kernel (impl="fused") stays exact in float64 too."""
+    p = data.draw(problems("hla2", dtypes=("float64",)))
+    note(str(p))
+    tq, nq = make_inputs(p)
+    init = random_state(p, np.random.default_rng(p["seed"] + 1)) if p["init"] else None
+    q, k, v = (x.to(DEVICE) for x in tq)
+    cu = None
+    if p["lens"] is not None:
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(p["lens"])]), dtype=torch.int32, device=DEVICE)
+    kw = dict(gamma=gamma_arg(p), normalize=p["normalize"], chunk_size=p["C"], output_final_state=True,
+              cu_seqlens=cu, initial_state=None if init is None else to_device_state(init, torch.float64))
+    o, fin = kernels.chunk_hla2(q, k, v, impl="fused", **kw)
+    check_against_reference(p, o.double().cpu().numpy(), nq, init_state=init, final_state=fin, rel_tol=1e-10)
+
+
 def test_bf16_never_uses_interpreter_dot():
     """Guard: in the interpreter a bf16 tl.dot multiplies bit patterns; the kernels must upcast."""
     from kernels._common import dot_dtype, interpreting
