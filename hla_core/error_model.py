@@ -48,6 +48,20 @@ The model assumes no overflow or underflow in the operand and output formats (th
 fp16 output range is +-65504: callers must scale inputs so that |o| stays inside it).
 These constants are counted, not fitted: a test that exceeds this bound has found
 an error larger than the arithmetic can explain.
+
+Third order (op="hla3", kernels/hla3.py; the default op=None keeps the second-order
+constants above unchanged). Counted in kernels/hla3.py:
+    m = 7 operand roundings on the longest product path, e.g. the output term
+        M1 . QP with M1 = G Da, G = Q (S0 Q^T), S0 = (k g)^T K, QP = Q P0, P0 = (k g)^T V:
+        roundings of M1, SQ, S0, kg (for S0), QP, P0, kg (for P0); or the carry path
+        X -> (S0 Q^T) T1 with T1 from QP: X, SQ, S0, kg, T1, P0, kg. Model: M_OPERAND_HLA3 = 8.
+    n: a term passes three chained recursions (KK over u-i tokens, KV over u-j, KK_QQ_KV
+        over t-u with the factor g^3); per step the representation error of g (three
+        times for g^3), one multiply and one add: at most 3(u-i) + 3(u-j) + 5(t-u) <= 6T.
+        Dots along one term's tree: three over d and three over C (+ C spare as for
+        second order): 3d + 4C. Decay factors exp2(n log2 g) with n <= 3C, at most five
+        per term (e.g. Da, two g^(e-i) in S0 and P0, g^(2Lc+e-u), g^(3Lc)): 5 (4 + 3C|log2 g|).
+        n = 6T + 3d + 4C + 20 + 15C|log2 g|.
 """
 from __future__ import annotations
 
@@ -56,6 +70,7 @@ import math
 import numpy as np
 
 M_OPERAND = 6
+M_OPERAND_HLA3 = 8  # third order: 7 counted roundings + 1 spare (module docstring)
 
 UNIT_ROUNDOFF = {
     "float64": 2.0 ** -53,
@@ -98,23 +113,31 @@ def _gam(n: float, u: float) -> float:
     return nu / (1 - nu)
 
 
-def accumulation_depth(T: int, d: int, chunk_size: int, gamma: float) -> float:
-    """n of the model: 3T + 3d + 4C + 12 + 6C|log2 gamma| (see the module docstring)."""
+def accumulation_depth(T: int, d: int, chunk_size: int, gamma: float, op=None) -> float:
+    """n of the model: 3T + 3d + 4C + 12 + 6C|log2 gamma|; for op="hla3"
+    6T + 3d + 4C + 20 + 15C|log2 gamma| (see the module docstring)."""
+    if op == "hla3":
+        return 6 * T + 3 * d + 4 * chunk_size + 20 + 15 * chunk_size * abs(math.log2(gamma))
     return 3 * T + 3 * d + 4 * chunk_size + 12 + 6 * chunk_size * abs(math.log2(gamma))
 
 
-def beta(dtype, T: int, d: int, chunk_size: int, gamma: float) -> float:
+def operand_roundings(op=None) -> int:
+    """m of the model: M_OPERAND (second order), M_OPERAND_HLA3 for op="hla3"."""
+    return M_OPERAND_HLA3 if op == "hla3" else M_OPERAND
+
+
+def beta(dtype, T: int, d: int, chunk_size: int, gamma: float, op=None) -> float:
     """Relative (to |op|) error coefficient of an unnormalized kernel output."""
     name = str(dtype).replace("torch.", "")
     u_op = OPERAND_ROUNDOFF[name]
     u_acc = UNIT_ROUNDOFF["float64"] if name == "float64" else UNIT_ROUNDOFF["float32"]
-    n = accumulation_depth(T, d, chunk_size, gamma)
-    b = (1 + _gam(M_OPERAND, u_op)) * (1 + _gam(n, u_acc)) * (1 + _gam(n, UNIT_ROUNDOFF["float64"])) - 1
+    n = accumulation_depth(T, d, chunk_size, gamma, op=op)
+    b = (1 + _gam(operand_roundings(op), u_op)) * (1 + _gam(n, u_acc)) * (1 + _gam(n, UNIT_ROUNDOFF["float64"])) - 1
     return b
 
 
 def output_bound(dtype, *, o_ref, num_abs, T, d, chunk_size, gamma,
-                 normalize=False, den_ref=None, den_abs=None, eps=1e-6):
+                 normalize=False, den_ref=None, den_abs=None, eps=1e-6, op=None):
     """Element-wise bound on |o_kernel - o_ref| for one head.
 
     o_ref: the exact (float64 reference) output [T, dv]; num_abs: the unnormalized
@@ -124,7 +147,7 @@ def output_bound(dtype, *, o_ref, num_abs, T, d, chunk_size, gamma,
     name = str(dtype).replace("torch.", "")
     u_out = unit_roundoff(name)
     u_acc = UNIT_ROUNDOFF["float64"] if name == "float64" else UNIT_ROUNDOFF["float32"]
-    b = beta(name, T, d, chunk_size, gamma)
+    b = beta(name, T, d, chunk_size, gamma, op=op)
     o_ref = np.asarray(o_ref, dtype=np.float64)
     num_abs = np.asarray(num_abs, dtype=np.float64)
     if not normalize:
