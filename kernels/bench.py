@@ -22,6 +22,7 @@ import torch
 
 B, H, GAMMA, C = 4, 16, 0.99, 64
 SHAPES = [(4096, 64), (16384, 64), (4096, 128), (16384, 128)]
+PEAK_BF16_TFLOPS = 785.0  # measured bf16 matmul rate (docs/benchmarks.md)
 
 
 def flops_sdpa(T, d):        # causal: QK^T and PV, half of each
@@ -45,6 +46,22 @@ def flops_ahla(T, d, dv=None):
     Wd V, Wl (QP0), Wd (WdV): 6C^2 dv."""
     dv = dv or d
     return B * H * (T / C) * (2 * C * C * d + 10 * C * d * dv + 6 * C * C * dv)
+
+
+def flops_hla3(T, d, dv=None):
+    """Per chunk (kernels/hla3.py): W 2C^2d, W Wd^T 2C^3, Wd V 2C^2dv, S0 Q^T 2Cd^2, Q(S0Q^T) 2C^2d,
+    Q P0 2Cd dv, Q X0 2Cd dv, M1 QP 2C^2dv, M2 WdV 2C^2dv, U T2 2C^2dv, (S0Q^T) T1 2Cd dv,
+    K^T(U T2) 2Cd dv, (Kg)^T V 2Cd dv, (Kg)^T K 2Cd^2."""
+    dv = dv or d
+    per_chunk = 4 * C * C * d + 2 * C ** 3 + 4 * C * d * d + 10 * C * d * dv + 8 * C * C * dv
+    return B * H * (T / C) * per_chunk
+
+
+def state_bytes_per_head(op, d, dv=None):
+    """fp32 carry per (sequence, head), unnormalized: HLA2 KK + KK_QV, AHLA KV + KQ_KV,
+    HLA3 KK + KV + KK_QQ_KV."""
+    dv = dv or d
+    return 4 * {"chunk_hla2": d * d + d * dv, "chunk_ahla": 2 * d * dv, "chunk_hla3": d * d + 2 * d * dv}[op]
 
 
 def torch_chunked_hla2(q, k, v, gamma, chunk=C):
@@ -99,6 +116,7 @@ def main(argv=None):
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--num-stages", type=int, default=None)
     ap.add_argument("--sweep", action="store_true", help="sweep chunk size, value block, warps first")
+    ap.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
     args = ap.parse_args(argv)
     import triton
     import kernels
@@ -118,14 +136,19 @@ def main(argv=None):
         # against the float64 kernel on the same (bf16-rounded) inputs
         g = torch.Generator(device=dev).manual_seed(0)
         q, k, v = (torch.randn(1, 1024, 2, 64, device=dev, generator=g, dtype=torch.bfloat16) * 0.125 for _ in range(3))
-        ref, _ = kernels.chunk_hla2(q.double(), k.double(), v.double(), gamma=GAMMA)
-        for nm, out in (("chunk_hla2", kernels.chunk_hla2(q, k, v, gamma=GAMMA, **kw)[0]),
-                        ("torch_chunked_hla2", torch_chunked_hla2(q, k, v, GAMMA))):
+        want = (lambda m: not args.only or m in args.only.split(","))
+        for nm, fn in (("chunk_hla2", kernels.chunk_hla2), ("chunk_ahla", kernels.chunk_ahla),
+                       ("chunk_hla3", kernels.chunk_hla3), ("torch_chunked_hla2", None)):
+            if not want(nm):
+                continue
+            if fn is None:
+                ref, _ = kernels.chunk_hla2(q.double(), k.double(), v.double(), gamma=GAMMA)
+                out = torch_chunked_hla2(q, k, v, GAMMA)
+            else:
+                ref, _ = fn(q.double(), k.double(), v.double(), gamma=GAMMA)
+                out = fn(q, k, v, gamma=GAMMA, **kw)[0]
             rel = ((out.double() - ref).norm() / ref.norm()).item()
             print(f"[bench] check {nm} bf16 vs float64 kernel: rel err {rel:.2e}", flush=True)
-        refa, _ = kernels.chunk_ahla(q.double(), k.double(), v.double(), gamma=GAMMA)
-        rel = ((kernels.chunk_ahla(q, k, v, gamma=GAMMA, **kw)[0].double() - refa).norm() / refa.norm()).item()
-        print(f"[bench] check chunk_ahla bf16 vs float64 kernel: rel err {rel:.2e}", flush=True)
     except Exception as exc:  # noqa: BLE001
         print(f"[bench] check FAILED: {exc!r}", flush=True)
 
@@ -136,10 +159,14 @@ def main(argv=None):
             gen = torch.Generator(device=dev).manual_seed(d)
             q, k, v = (torch.randn(B, 16384, H, d, device=dev, generator=gen, dtype=torch.bfloat16) * d ** -0.5
                        for _ in range(3))
-            for op, fn in (("chunk_hla2", kernels.chunk_hla2), ("chunk_ahla", kernels.chunk_ahla)):
+            for op, fn in (("chunk_hla2", kernels.chunk_hla2), ("chunk_ahla", kernels.chunk_ahla),
+                           ("chunk_hla3", kernels.chunk_hla3)):
+                if args.only and op not in args.only.split(","):
+                    continue
                 res = []
                 cands = ([(64, 64, 8), (64, 64, 4), (64, 128, 8), (64, 32, 4), (32, 64, 4), (32, 64, 8),
                           (32, 128, 8), (32, 32, 4)] if op == "chunk_hla2" else
+                         [(64, 64, 8), (64, 32, 8), (32, 64, 8), (32, 32, 4)] if op == "chunk_hla3" else
                          [(64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 64, 4)])
                 for cs, bv, nw in cands:
                     if True:
@@ -172,6 +199,8 @@ def main(argv=None):
                                                       **best.get(("chunk_hla2", d), kw)), flops_hla2(T, d)),
             "chunk_ahla": (lambda: kernels.chunk_ahla(q, k, v, gamma=GAMMA, check_finite=False,
                                                       **best.get(("chunk_ahla", d), kw)), flops_ahla(T, d)),
+            "chunk_hla3": (lambda: kernels.chunk_hla3(q, k, v, gamma=GAMMA, check_finite=False,
+                                                      **best.get(("chunk_hla3", d), kw)), flops_hla3(T, d)),
             "sdpa_causal": (lambda: sdpa(qh, kh, vh, is_causal=True), flops_sdpa(T, d)),
             "torch_chunked_hla2": (lambda: torch_chunked_hla2(q, k, v, GAMMA), flops_hla2(T, d)),
         }
@@ -179,15 +208,21 @@ def main(argv=None):
             methods["fla_chunk_simple_gla"] = (lambda: chunk_simple_gla(q, k, v, g_gamma=glog),
                                                flops_simple_gla(T, d))
         for mname, (fn, fl) in methods.items():
+            if args.only and mname not in args.only.split(","):
+                continue
             t0 = time.time()
             try:
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             except Exception as exc:  # noqa: BLE001
                 print(f"[bench] T={T} d={d} {mname}: FAILED {exc!r}", flush=True)
                 continue
-            rows.append(dict(T=T, d=d, method=mname, ms=ms, tflops=fl / ms / 1e9, flops=fl))
+            rows.append(dict(T=T, d=d, method=mname, ms=ms, tflops=fl / ms / 1e9, flops=fl,
+                             frac_bf16_peak=fl / ms / 1e9 / PEAK_BF16_TFLOPS))
+            if mname.startswith("chunk_"):
+                rows[-1]["state_bytes_per_head"] = state_bytes_per_head(mname, d)
             print(f"[bench] T={T:6d} d={d:4d} {mname:22s} {ms:8.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s "
-                  f"({time.time() - t0:.1f}s wall)", flush=True)
+                  f"({100 * fl / ms / 1e9 / PEAK_BF16_TFLOPS:.1f}% of bf16 peak) ({time.time() - t0:.1f}s wall)",
+                  flush=True)
         del q, k, v, qh, kh, vh
         torch.cuda.empty_cache()
 
@@ -205,7 +240,8 @@ def main(argv=None):
 def print_table(rows):
     by = {(r["T"], r["d"], r["method"]): r for r in rows}
     shapes = sorted({(r["T"], r["d"]) for r in rows}, key=lambda s: (s[1], s[0]))
-    methods = ["chunk_hla2", "chunk_ahla", "fla_chunk_simple_gla", "sdpa_causal", "torch_chunked_hla2"]
+    methods = ["chunk_hla2", "chunk_ahla", "chunk_hla3", "fla_chunk_simple_gla", "sdpa_causal",
+               "torch_chunked_hla2"]
     print("\n| T, d | " + " | ".join(methods) + " | hla2/fla | sdpa/hla2 |")
     print("|---" * (len(methods) + 3) + "|")
     for T, d in shapes:

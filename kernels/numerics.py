@@ -4,7 +4,7 @@
     python -m kernels.numerics --mpmath --out DIR   # on the CPU: float64 vs mpmath, small d
 
 GPU part: B=1, H=4, d=dv=64, inputs N(0,1)/sqrt(d) rounded to the tested dtype, T up to
-16K, gamma in {1, 0.99}, ops hla2 / ahla, dtypes bf16 / fp32, chunked and (T <= 4K)
+16K, gamma in {1, 0.99}, ops hla2 / ahla / hla3 (--ops), dtypes bf16 / fp32, chunked and (T <= 4K)
 recurrent kernels. The reference is the float64 chunked kernel on the same rounded
 inputs; its own error is bounded by the error model with u = 2^-53 (about 1e-11 of
 |op| at T = 16K) and it is checked against mpmath by the --mpmath part. Also computed:
@@ -45,13 +45,13 @@ def paper_form_hla2(q, k, v, gamma):
     return o[None]
 
 
-def gpu_study(out):
+def gpu_study(out, ops=("hla2", "ahla", "hla3")):
     import kernels
     dev = "cuda"
     H, d = 4, 64
     Ts = [256, 1024, 4096, 16384]
     rows = []
-    for op in ("hla2", "ahla"):
+    for op in ops:
         chunk = getattr(kernels, f"chunk_{op}")
         rec = getattr(kernels, f"fused_recurrent_{op}")
         for gamma in (1.0, 0.99):
@@ -69,6 +69,8 @@ def gpu_study(out):
                              chunk_rel=rel(o, ref),
                              chunk_vs_absop=((o.double() - ref).abs() / absop).max().item(),
                              state_max=max(x.abs().max().item() for x in st if x is not None),
+                             state_max_by={nm: x.abs().max().item() for nm, x in st._asdict().items()
+                                           if x is not None},
                              out_max=ref.abs().max().item(), absop_over_out=(absop.norm() / ref.norm()).item())
                     if T <= 4096:
                         orec, _ = rec(q, k, v, gamma=gamma)
@@ -78,17 +80,20 @@ def gpu_study(out):
                     rows.append(r)
                     print(f"[numerics] {json.dumps(r)} ({time.time() - t0:.1f}s)", flush=True)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "numerics.json"), "w") as fh:
+    name = "numerics.json" if tuple(ops) == ("hla2", "ahla", "hla3") else f"numerics_{'_'.join(ops)}.json"
+    with open(os.path.join(out, name), "w") as fh:
         json.dump(dict(gpu=torch.cuda.get_device_name(), rows=rows), fh, indent=1)
-    plot(rows, os.path.join(out, "numerics.png"))
+    plot(rows, os.path.join(out, name.replace(".json", ".png")))
 
 
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, op in zip(axes, ("hla2", "ahla")):
+    ops = [o for o in ("hla2", "ahla", "hla3") if any(r["op"] == o for r in rows)]
+    fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops), 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, op in zip(axes, ops):
         for gamma, ls in ((1.0, "-"), (0.99, "--")):
             for dtn, c in (("bf16", "C0"), ("fp32", "C1")):
                 rr = [r for r in rows if r["op"] == op and r["gamma"] == gamma and r["dtype"] == dtn]
@@ -107,19 +112,19 @@ def plot(rows, path):
         ax.set_xlabel("T")
         ax.grid(alpha=.3)
     axes[0].set_ylabel("||o - o_ref|| / ||o_ref||")
-    axes[1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"[numerics] plot saved to {path}")
 
 
-def mpmath_study(out):
+def mpmath_study(out, ops=("hla2", "ahla", "hla3")):
     """float64 recurrent and chunked kernels (interpreter) vs an mpmath recurrence, d = 2, dv = 1."""
     import mpmath
     import kernels
     mpmath.mp.dps = 40
     rows = []
-    for op in ("hla2", "ahla"):
+    for op in ops:
         for gamma in (1.0, 0.99):
             for T in (256, 4096, 16384):
                 rng = np.random.default_rng(T)
@@ -139,6 +144,18 @@ def mpmath_study(out):
                         sq = [mpmath.fsum(S[a][b] * Q[t][b] for b in range(d)) for a in range(d)]
                         X = [[g * g * X[a][c] + sq[a] * V[t][c] for c in range(dv)] for a in range(d)]
                         ref[t] = [float(mpmath.fsum(Q[t][a] * X[a][c] for a in range(d))) for c in range(dv)]
+                elif op == "hla3":
+                    # online update: S = g S + k k^T, P = g P + k v^T, X = g^3 X + (S q)(q^T P)
+                    S = [[mpmath.mpf(0)] * d for _ in range(d)]
+                    P = [[mpmath.mpf(0)] * dv for _ in range(d)]
+                    X = [[mpmath.mpf(0)] * dv for _ in range(d)]
+                    for t in range(T):
+                        S = [[g * S[a][b] + K[t][a] * K[t][b] for b in range(d)] for a in range(d)]
+                        P = [[g * P[a][c] + K[t][a] * V[t][c] for c in range(dv)] for a in range(d)]
+                        sq = [mpmath.fsum(S[a][b] * Q[t][b] for b in range(d)) for a in range(d)]
+                        qp = [mpmath.fsum(Q[t][a] * P[a][c] for a in range(d)) for c in range(dv)]
+                        X = [[g * g * g * X[a][c] + sq[a] * qp[c] for c in range(dv)] for a in range(d)]
+                        ref[t] = [float(mpmath.fsum(Q[t][a] * X[a][c] for a in range(d))) for c in range(dv)]
                 else:
                     P = [[mpmath.mpf(0)] * dv for _ in range(d)]
                     E = [[mpmath.mpf(0)] * dv for _ in range(d)]
@@ -156,7 +173,9 @@ def mpmath_study(out):
                 rows.append(r)
                 print(f"[mpmath] {json.dumps(r)} ({time.time() - t0:.1f}s)", flush=True)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "numerics_mpmath.json"), "w") as fh:
+    name = "numerics_mpmath.json" if tuple(ops) == ("hla2", "ahla", "hla3") else \
+        f"numerics_mpmath_{'_'.join(ops)}.json"
+    with open(os.path.join(out, name), "w") as fh:
         json.dump(rows, fh, indent=1)
 
 
@@ -164,12 +183,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs")
     ap.add_argument("--mpmath", action="store_true")
+    ap.add_argument("--ops", default="hla2,ahla,hla3", help="comma-separated subset of hla2,ahla,hla3")
     a = ap.parse_args(argv)
+    ops = tuple(a.ops.split(","))
     if a.mpmath:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        mpmath_study(a.out)
+        mpmath_study(a.out, ops)
     else:
-        gpu_study(a.out)
+        gpu_study(a.out, ops)
 
 
 if __name__ == "__main__":
