@@ -266,3 +266,27 @@ def decay_table_n(gam: torch.Tensor, n_max: int) -> torch.Tensor:
     n = torch.arange(n_max + 1, dtype=torch.float64)
     return (gam.detach().to("cpu", torch.float64)[:, None] ** n[None, :]).to(device=gam.device,
                                                                             dtype=gam.dtype).contiguous()
+
+
+def min_block(dtype: torch.dtype) -> int:
+    """Smallest padded d / dv block for inputs of `dtype`.
+
+    16 is tl.dot's minimum. With 2-byte (bf16) dot operands on an H200 / triton 3.6 a 16-wide
+    block (a 32-byte row) makes the Hopper dot read past its shared-memory operand buffer
+    (compute-sanitizer: "Invalid __shared__ read of size 512 bytes" at `tl.dot(q, X)` with
+    X of 16 columns), which gives an illegal memory access or, when the stray read stays
+    inside the block's shared memory, wrong and run-to-run varying values. So bf16 pads
+    such blocks to 32 (64-byte rows); 4- and 8-byte operands keep 16.
+    """
+    dd = dot_dtype(dtype)
+    return 32 if dd in (tl.bfloat16, tl.float16) else 16
+
+
+def block_sizes_for(d: int, dv: int, block_v: Optional[int], dtype: torch.dtype):
+    """block_sizes with the operand-width floor of min_block(dtype)."""
+    m = min_block(dtype)
+    BK = max(m, triton.next_power_of_2(d))
+    if block_v is None:
+        block_v = 64
+    BV = max(m, min(block_v, triton.next_power_of_2(dv)))
+    return BK, BV

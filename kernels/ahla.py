@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (_decay, decay_table, AHLAState, block_sizes, check_state, dot_dtype, dot_precision, prepare, tl_dtype)
+from ._common import (_decay, block_sizes_for, decay_table, min_block, AHLAState, block_sizes, check_state, dot_dtype, dot_precision, prepare, tl_dtype)
 
 
 NUM_WARPS_BF16 = None  # bf16 chunk-kernel default (see _run)
@@ -178,12 +178,16 @@ def _ahla_recurrent_kernel(q, k, v, o, gam_ptr, s0_p, s0_e, s0_p1, s0_e1, st_p, 
                 tl.store(st_e1 + sbase * D + ok, e1.to(st_e1.dtype.element_ty), mask=mk)
 
 
+# see hla2.py: with d == 1 or dv == 1 use a variant that does not make them compile-time 1
+_ahla_chunk_kernel_ns = triton.jit(do_not_specialize=["D", "DV"])(_ahla_chunk_kernel.fn)
+
+
 def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
          cu_seqlens, check_finite, block_v, num_warps, num_stages):
     p = prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite)
     B, T, H, d, dv, N, sdt = p["B"], p["T"], p["H"], p["d"], p["dv"], p["N"], p["sdt"]
     dev = q.device
-    BK, BV = block_sizes(d, dv, block_v)
+    BK, BV = block_sizes_for(d, dv, block_v, q.dtype)
     if initial_state is not None:
         st = check_state(initial_state, AHLAState,
                          {"KV": (N, H, d, dv), "KQ_KV": (N, H, d, dv), "K1": (N, H, d, 1),
@@ -219,7 +223,7 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
     if num_stages is not None:
         launch["num_stages"] = num_stages
     if mode == "chunk":
-        _ahla_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
+        (_ahla_chunk_kernel_ns if (d == 1 or dv == 1) else _ahla_chunk_kernel)[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
                                  C=chunk_size, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype), TABLE=sdt == torch.float64, **common, **launch)
     else:
         _ahla_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (_decay, decay_table, HLA2State, block_sizes, check_state, dot_dtype, dot_precision, prepare, tl_dtype)
+from ._common import (_decay, block_sizes_for, decay_table, min_block, HLA2State, block_sizes, check_state, dot_dtype, dot_precision, prepare, tl_dtype)
 
 
 NUM_WARPS_BF16 = 8  # bf16 chunk-kernel default (see _run)
@@ -379,6 +379,17 @@ def _hla2_pass3_kernel(q, k, v, o, u_buf, y_buf, y1_buf, chunk_tab, log2g_ptr, p
     tl.store(o + v_off, ob.to(o.dtype.element_ty), mask=v_msk)
 
 
+# Variants that do not specialize the head sizes: Triton turns an integer argument equal to 1
+# into a compile-time constant, and with dv = 1 (or d = 1) the bf16 kernels compiled that way read
+# past their shared-memory dot operands on an H200 / triton 3.6 (see docs/benchmarks.md). Used
+# only when d == 1 or dv == 1, so the usual divisibility specialization stays for real sizes.
+_NOSPEC = ["D", "DV"]
+_hla2_chunk_kernel_ns = triton.jit(do_not_specialize=_NOSPEC)(_hla2_chunk_kernel.fn)
+_hla2_pass1_kernel_ns = triton.jit(do_not_specialize=["D"])(_hla2_pass1_kernel.fn)
+_hla2_pass2_kernel_ns = triton.jit(do_not_specialize=_NOSPEC)(_hla2_pass2_kernel.fn)
+_hla2_pass3_kernel_ns = triton.jit(do_not_specialize=_NOSPEC)(_hla2_pass3_kernel.fn)
+
+
 # launch defaults of the split path (per pass); chunk_hla2(tune={...}) overrides them
 SPLIT_DEFAULTS = dict(bs=32, bv2=64, bv3=128, w1=4, w2=8, w3=4)
 
@@ -406,10 +417,11 @@ def _run_split(p, o, s0, stp, cu, chunk_size, normalize, eps, has_init, store_fi
     if num_warps is not None:
         cfg["w1"] = cfg["w2"] = cfg["w3"] = num_warps
     C = chunk_size
-    BK = max(16, triton.next_power_of_2(d))
-    BS = max(16, min(cfg["bs"], BK))
-    BV2 = max(16, min(cfg["bv2"], triton.next_power_of_2(dv)))
-    BV3 = max(16, min(cfg["bv3"], triton.next_power_of_2(dv)))
+    mb = min_block(dtype)  # 32 for bf16 dot operands: a 16-wide bf16 block miscompiles (see min_block)
+    BK = max(mb, triton.next_power_of_2(d))
+    BS = max(mb, min(cfg["bs"], BK))
+    BV2 = max(mb, min(cfg["bv2"], triton.next_power_of_2(dv)))
+    BV3 = max(mb, min(cfg["bv3"], triton.next_power_of_2(dv)))
     stages = {} if num_stages is None else dict(num_stages=num_stages)
     if num_stages is None and dtype == torch.float64:
         stages = dict(num_stages=1)  # fp64 tiles overflow shared memory with deeper pipelining
@@ -421,11 +433,12 @@ def _run_split(p, o, s0, stp, cu, chunk_size, normalize, eps, has_init, store_fi
     y1_buf = torch.empty((B, T, H), dtype=sdt, device=dev) if normalize else y_buf
     table = decay_table(p["gam"], C) if TABLE else p["log2g"]  # the table is read only when TABLE
     varlen = p["cu"] is not None
-    _hla2_pass1_kernel[(triton.cdiv(d, BS), N * H)](
+    ns = d == 1 or dv == 1
+    (_hla2_pass1_kernel_ns if ns else _hla2_pass1_kernel)[(triton.cdiv(d, BS), N * H)](
         p["q"], p["k"], u_buf, g_buf, p["log2g"], table, s0[0], stp[0], cu, T, H, d,
         BK=BK, BS=BS, C=C, HAS_INIT=has_init, STORE_FINAL=store_final, VARLEN=varlen,
         DOT=DOT, ACC=ACC, PREC=PREC, TABLE=TABLE, num_warps=cfg["w1"], **stages)
-    _hla2_pass2_kernel[(triton.cdiv(dv, BV2), N * H)](
+    (_hla2_pass2_kernel_ns if ns else _hla2_pass2_kernel)[(triton.cdiv(dv, BV2), N * H)](
         p["q"], p["v"], g_buf, y_buf, y1_buf, p["log2g"], table, s0[1], s0[2], stp[1], stp[2], cu,
         T, H, d, dv, BK=BK, BV=BV2, C=C, NORMALIZE=bool(normalize), HAS_INIT=has_init,
         STORE_FINAL=store_final, VARLEN=varlen, DOT=DOT, ACC=ACC, PREC=PREC, TABLE=TABLE,
@@ -438,7 +451,7 @@ def _run_split(p, o, s0, stp, cu, chunk_size, normalize, eps, has_init, store_fi
         chunk_tab = cu
         NT = triton.cdiv(T, C)
         ntot = NT * N
-    _hla2_pass3_kernel[(ntot, H, triton.cdiv(dv, BV3))](
+    (_hla2_pass3_kernel_ns if ns else _hla2_pass3_kernel)[(ntot, H, triton.cdiv(dv, BV3))](
         p["q"], p["k"], p["v"], o, u_buf, y_buf, y1_buf, chunk_tab, p["log2g"], table, cu,
         torch.full((1,), float(eps), dtype=sdt, device=dev), T, H, d, dv, NT,
         BK=BK, BV=BV3, C=C, NORMALIZE=bool(normalize), VARLEN=varlen, DOT=DOT, ACC=ACC,
@@ -450,7 +463,7 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
     p = prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite)
     B, T, H, d, dv, N, sdt = p["B"], p["T"], p["H"], p["d"], p["dv"], p["N"], p["sdt"]
     dev = q.device
-    BK, BV = block_sizes(d, dv, block_v)
+    BK, BV = block_sizes_for(d, dv, block_v, q.dtype)
     if initial_state is not None:
         st = check_state(initial_state, HLA2State,
                          {"KK": (N, H, d, d), "KK_QV": (N, H, d, dv), "KK_Q1": (N, H, d, 1)},
@@ -491,7 +504,7 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
         _run_split(p, o, s0, stp, cu, chunk_size, normalize, eps, initial_state is not None,
                    bool(output_final_state), block_v, num_warps, num_stages, tune)
     elif mode == "chunk":
-        _hla2_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
+        (_hla2_chunk_kernel_ns if (d == 1 or dv == 1) else _hla2_chunk_kernel)[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
                                  C=chunk_size, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype), TABLE=sdt == torch.float64, **common, **launch)
     else:
         _hla2_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
