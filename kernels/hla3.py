@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import (_decay, decay_table_n, HLA3State, block_sizes, check_state, dot_dtype, dot_precision,
-                      prepare, tl_dtype)
+                      interpreting, prepare, tl_dtype)
 
 NUM_WARPS_BF16 = 8  # bf16 chunk-kernel default, as for HLA2 (4-warp bf16 miscompiles seen on H200)
 
@@ -238,8 +238,22 @@ def _hla3_recurrent_kernel(q, k, v, o, gam_ptr,
 _FIELDS = ("KK", "KV", "KK_QQ_KV", "K1", "KK_QQ_K1")
 
 
+def dot_format(dtype: torch.dtype, bf16_dots: bool = False):
+    """(operand dtype, input_precision) of the chunk kernel's tl.dot for inputs of `dtype`.
+
+    As kernels._common.dot_dtype / dot_precision, except bf16 inputs on the GPU: by
+    default they go through fp32 operands rounded to TF32 (unit roundoff 2^-11, inside the
+    error model's bf16 operand roundoff 2^-8), because the bf16-operand variant hit an
+    illegal memory access on an H200 / triton 3.6 (d=60, dv=25, C=64, normalize, varlen;
+    docs/benchmarks.md), like the HLA2 bf16 problem. bf16_dots=True selects bf16 operands.
+    """
+    if dtype == torch.bfloat16 and not interpreting() and not bf16_dots:
+        return tl.float32, "tf32"
+    return dot_dtype(dtype), dot_precision(dtype)
+
+
 def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-         cu_seqlens, check_finite, block_v, num_warps, num_stages):
+         cu_seqlens, check_finite, block_v, num_warps, num_stages, bf16_dots=False):
     p = prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite)
     B, T, H, d, dv, N, sdt = p["B"], p["T"], p["H"], p["d"], p["dv"], p["N"], p["sdt"]
     dev = q.device
@@ -280,10 +294,11 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
     if num_stages is not None:
         launch["num_stages"] = num_stages
     epst = torch.full((1,), float(eps), dtype=sdt, device=dev)
+    dfmt = dot_format(q.dtype, bf16_dots)
     if mode == "chunk":
         _hla3_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table_n(p["gam"], 3 * chunk_size),
-                                 *s0, *stp, cu, epst, C=chunk_size, DOT=dot_dtype(q.dtype),
-                                 PREC=dot_precision(q.dtype), TABLE=sdt == torch.float64, **common, **launch)
+                                 *s0, *stp, cu, epst, C=chunk_size, DOT=dfmt[0],
+                                 PREC=dfmt[1], TABLE=sdt == torch.float64, **common, **launch)
     else:
         _hla3_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, epst,
                                      **common, **launch)
@@ -292,15 +307,16 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
 
 def chunk_hla3(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
                output_final_state=False, cu_seqlens=None, check_finite=True,
-               block_v=None, num_warps=None, num_stages=None):
+               block_v=None, num_warps=None, num_stages=None, bf16_dots=False):
     """Chunked HLA3 forward. Returns (o [B,T,H,dv], HLA3State or None).
 
     Same contract as kernels.chunk_hla2: gamma None / float in (0, 1] / tensor [H];
     initial_state an HLA3State (also one from fused_recurrent_hla3 or built from
     hla_core.evaluate("hla3", ..., return_state=True)); cu_seqlens packs sequences (B = 1).
+    bf16_dots: bf16 inputs through bf16 tl.dot operands instead of TF32 (see dot_format).
     """
     return _run("chunk", q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-                cu_seqlens, check_finite, block_v, num_warps, num_stages)
+                cu_seqlens, check_finite, block_v, num_warps, num_stages, bf16_dots)
 
 
 def fused_recurrent_hla3(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64,
