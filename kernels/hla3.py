@@ -257,6 +257,10 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
     p = prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite)
     B, T, H, d, dv, N, sdt = p["B"], p["T"], p["H"], p["d"], p["dv"], p["N"], p["sdt"]
     dev = q.device
+    dfmt = dot_format(q.dtype, bf16_dots)
+    wide = dfmt[0] in (tl.float32, tl.float64)
+    if block_v is None and wide and mode == "chunk" and d >= 128:
+        block_v = 32  # fp32/fp64 operands at d = 128: a 64-wide value block overflows shared memory
     BK, BV = block_sizes(d, dv, block_v)
     shapes = {"KK": (N, H, d, d), "KV": (N, H, d, dv), "KK_QQ_KV": (N, H, d, dv),
               "K1": (N, H, d, 1), "KK_QQ_K1": (N, H, d, 1)}
@@ -287,14 +291,13 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
     launch = {}
     if num_warps is None and mode == "chunk" and q.dtype == torch.bfloat16:
         num_warps = NUM_WARPS_BF16
-    if num_stages is None and q.dtype == torch.float64:
-        num_stages = 1  # fp64 tiles overflow shared memory with deeper pipelining (as for HLA2)
+    if num_stages is None and wide:
+        num_stages = 1  # fp32/fp64 tiles overflow shared memory with deeper pipelining (as for HLA2)
     if num_warps is not None:
         launch["num_warps"] = num_warps
     if num_stages is not None:
         launch["num_stages"] = num_stages
     epst = torch.full((1,), float(eps), dtype=sdt, device=dev)
-    dfmt = dot_format(q.dtype, bf16_dots)
     if mode == "chunk":
         _hla3_chunk_kernel[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table_n(p["gam"], 3 * chunk_size),
                                  *s0, *stp, cu, epst, C=chunk_size, DOT=dfmt[0],
