@@ -77,6 +77,20 @@ def dot_dtype(dtype: torch.dtype):
             torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
 
 
+def operand_format(dtype: torch.dtype, d: int, dv: int):
+    """(tl.dot operand dtype, input_precision) for inputs of `dtype` and head sizes d, dv.
+
+    As dot_dtype / dot_precision, except bf16 inputs on the GPU with a head size below
+    16 (the smallest tl.dot tile): there the bf16-operand dots of the HLA2/AHLA chunk
+    kernels read past their shared-memory tile on an H200 / triton 3.6 (compute-sanitizer,
+    d=33, dv=1; docs/benchmarks.md), so they take the fp16 inputs' path instead: fp32
+    operands rounded to TF32 (unit roundoff 2^-11, inside the model's bf16 2^-8).
+    """
+    if dtype == torch.bfloat16 and min(d, dv) < 16 and not interpreting():
+        return tl.float32, "tf32"
+    return dot_dtype(dtype), dot_precision(dtype)
+
+
 def _finite(name: str, x: torch.Tensor):
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or Inf)")

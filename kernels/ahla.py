@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (_decay, block_sizes_for, decay_table, min_block, AHLAState, block_sizes, check_state, dot_dtype, dot_precision, prepare, tl_dtype)
+from ._common import (_decay, block_sizes_for, decay_table, AHLAState, check_state, operand_format, prepare, tl_dtype)
 
 
 NUM_WARPS_BF16 = None  # bf16 chunk-kernel default (see _run)
@@ -224,7 +224,7 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
         launch["num_stages"] = num_stages
     if mode == "chunk":
         (_ahla_chunk_kernel_ns if (d == 1 or dv == 1) else _ahla_chunk_kernel)[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
-                                 C=chunk_size, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype), TABLE=sdt == torch.float64, **common, **launch)
+                                 C=chunk_size, DOT=operand_format(q.dtype, d, dv)[0], PREC=operand_format(q.dtype, d, dv)[1], TABLE=sdt == torch.float64, **common, **launch)
     else:
         _ahla_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
                                      **common, **launch)

@@ -169,18 +169,16 @@ def main(argv=None):
                          [(64, 64, 8), (64, 32, 8), (32, 64, 8), (32, 32, 4)] if op == "chunk_hla3" else
                          [(64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 64, 4)])
                 for cs, bv, nw in cands:
-                    if True:
-                        if True:
-                            cfg = dict(chunk_size=cs, block_v=bv, num_warps=nw)
-                            try:
-                                ms = triton.testing.do_bench(
-                                    lambda: fn(q, k, v, gamma=GAMMA, check_finite=False, **cfg),
-                                    warmup=10, rep=40, return_mode="median")
-                            except Exception as exc:  # noqa: BLE001
-                                print(f"[sweep] {op} d={d} {cfg}: FAILED {type(exc).__name__}", flush=True)
-                                continue
-                            res.append((ms, cfg))
-                            print(f"[sweep] {op} T=16K d={d} {cfg}: {ms:.3f} ms", flush=True)
+                    cfg = dict(chunk_size=cs, block_v=bv, num_warps=nw)
+                    try:
+                        ms = triton.testing.do_bench(
+                            lambda: fn(q, k, v, gamma=GAMMA, check_finite=False, **cfg),
+                            warmup=10, rep=40, return_mode="median")
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"[sweep] {op} d={d} {cfg}: FAILED {type(exc).__name__}", flush=True)
+                        continue
+                    res.append((ms, cfg))
+                    print(f"[sweep] {op} T=16K d={d} {cfg}: {ms:.3f} ms", flush=True)
                 if res:
                     best[(op, d)] = min(res, key=lambda x: x[0])[1]
                     print(f"[sweep] best {op} d={d}: {best[(op, d)]}", flush=True)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (_decay, block_sizes_for, decay_table, min_block, HLA2State, block_sizes, check_state, dot_dtype, dot_precision, prepare, tl_dtype)
+from ._common import (_decay, block_sizes_for, decay_table, min_block, HLA2State, check_state, operand_format, prepare, tl_dtype)
 
 
 NUM_WARPS_BF16 = 8  # bf16 chunk-kernel default (see _run)
@@ -394,11 +394,10 @@ _hla2_pass3_kernel_ns = triton.jit(do_not_specialize=_NOSPEC)(_hla2_pass3_kernel
 SPLIT_DEFAULTS = dict(bs=32, bv2=64, bv3=128, w1=4, w2=8, w3=4)
 
 
-def _buf_dtype(dtype: torch.dtype) -> torch.dtype:
+def _buf_dtype(dot) -> torch.dtype:
     """Storage format of the per-token U, G buffers: the tl.dot operand format they are
-    rounded to anyway (bf16 for bf16 inputs on the GPU), else the state format."""
-    dd = dot_dtype(dtype)
-    return {tl.bfloat16: torch.bfloat16, tl.float32: torch.float32, tl.float64: torch.float64}[dd]
+    rounded to anyway (bf16 for bf16 operands on the GPU), else the state format."""
+    return {tl.bfloat16: torch.bfloat16, tl.float32: torch.float32, tl.float64: torch.float64}[dot]
 
 
 def _run_split(p, o, s0, stp, cu, chunk_size, normalize, eps, has_init, store_final,
@@ -425,8 +424,8 @@ def _run_split(p, o, s0, stp, cu, chunk_size, normalize, eps, has_init, store_fi
     stages = {} if num_stages is None else dict(num_stages=num_stages)
     if num_stages is None and dtype == torch.float64:
         stages = dict(num_stages=1)  # fp64 tiles overflow shared memory with deeper pipelining
-    DOT, PREC, ACC, TABLE = dot_dtype(dtype), dot_precision(dtype), tl_dtype(sdt), sdt == torch.float64
-    bdt = _buf_dtype(dtype)
+    (DOT, PREC), ACC, TABLE = operand_format(dtype, d, dv), tl_dtype(sdt), sdt == torch.float64
+    bdt = _buf_dtype(DOT)
     u_buf = torch.empty((B, T, H, d), dtype=bdt, device=dev)
     g_buf = torch.empty((B, T, H, d), dtype=bdt, device=dev)
     y_buf = torch.empty((B, T, H, dv), dtype=sdt, device=dev)
@@ -505,7 +504,7 @@ def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output
                    bool(output_final_state), block_v, num_warps, num_stages, tune)
     elif mode == "chunk":
         (_hla2_chunk_kernel_ns if (d == 1 or dv == 1) else _hla2_chunk_kernel)[grid](p["q"], p["k"], p["v"], o, p["log2g"], decay_table(p["gam"], chunk_size), *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
-                                 C=chunk_size, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype), TABLE=sdt == torch.float64, **common, **launch)
+                                 C=chunk_size, DOT=operand_format(q.dtype, d, dv)[0], PREC=operand_format(q.dtype, d, dv)[1], TABLE=sdt == torch.float64, **common, **launch)
     else:
         _hla2_recurrent_kernel[grid](p["q"], p["k"], p["v"], o, p["gam"], *s0, *stp, cu, torch.full((1,), float(eps), dtype=sdt, device=dev),
                                      **common, **launch)
