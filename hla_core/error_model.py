@@ -29,7 +29,9 @@ with
             tokens (recurrent) or the chunks (chunked) gives at most 3T, dot products
             over d and C add 3d + 4C, and each of the <= 3 decay factors
             exp2(n log2 g) (n <= 2C) adds 4 + 2C |log2 g| (rounding of log2 g
-            magnified by n, plus exp2 itself): n = 3T + 3d + 4C + 12 + 6C|log2 g|;
+            magnified by n, plus exp2 itself), and the chunk decay g^(2C) that
+            multiplies the carry once per chunk adds 2T|log2 g| over T/C chunks:
+            n = 3T + 3d + 4C + 12 + 6C|log2 g| + 2T|log2 g|;
     u_ref : 2^-53, the float64 reference's own rounding (same depth n);
     u_out : unit roundoff of the output format (the input dtype);
     eta_out: smallest subnormal spacing of the output format (gradual underflow of
@@ -114,11 +116,17 @@ def _gam(n: float, u: float) -> float:
 
 
 def accumulation_depth(T: int, d: int, chunk_size: int, gamma: float, op=None) -> float:
-    """n of the model: 3T + 3d + 4C + 12 + 6C|log2 gamma|; for op="hla3"
-    6T + 3d + 4C + 20 + 15C|log2 gamma| (see the module docstring)."""
+    """n of the model: 3T + 3d + 4C + 12 + 6C|log2 gamma| + 2T|log2 gamma|; for op="hla3"
+    6T + 3d + 4C + 20 + 15C|log2 gamma| + 3T|log2 gamma| (see the module docstring).
+
+    The last term is the chunk-level decay: the carried state is multiplied once per chunk
+    by rho^k = gamma^(kC) (k = 2 for second order, 3 for HLA3), formed as exp2(kC log2 gamma)
+    with relative error about kC|log2 gamma| u; over T/C chunks that is kT|log2 gamma| u.
+    """
+    lg = abs(math.log2(gamma))
     if op == "hla3":
-        return 6 * T + 3 * d + 4 * chunk_size + 20 + 15 * chunk_size * abs(math.log2(gamma))
-    return 3 * T + 3 * d + 4 * chunk_size + 12 + 6 * chunk_size * abs(math.log2(gamma))
+        return 6 * T + 3 * d + 4 * chunk_size + 20 + 15 * chunk_size * lg + 3 * T * lg
+    return 3 * T + 3 * d + 4 * chunk_size + 12 + 6 * chunk_size * lg + 2 * T * lg
 
 
 def operand_roundings(op=None) -> int:
