@@ -22,6 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 import sympy
+from sympy.core.function import AppliedUndef
 
 from .algebra import (NumericAlgebra, Segment, associativity, base_segment, combine_segments, evaluate)
 from .definitions import _pattern_psums, brute_numeric, rational_inputs
@@ -138,7 +139,7 @@ def _item(f):
             return Ref("now", n[:-3])
         base, seg = n.rsplit("_", 1)
         return Ref(seg, base)
-    if isinstance(f, sympy.Function) or hasattr(f, "func"):
+    if isinstance(f, AppliedUndef):
         base, seg = f.func.__name__.rsplit("_", 1)
         return Ref(seg, base, tuple(tuple(to_terms(a)) for a in f.args))
     raise ValueError(f"cannot read {f}")
@@ -210,12 +211,13 @@ def prove_system_equals_pattern(system: System, pattern: Pattern, decay: bool) -
     return out
 
 
+def prove_exprs_agree(a: System, expr_a, b: System, expr_b, decay: bool) -> dict:
+    """expr_a over system a equals expr_b over system b at every t (order types)."""
+    return compare(system_psums(a, expr_a, decay), system_psums(b, expr_b, decay), PREFIX, decay)
+
+
 def prove_systems_agree(a: System, b: System, names: list[str], decay: bool) -> dict:
-    out = {}
-    for n in names:
-        st = nc(f"{n}[t]")
-        out[n] = compare(system_psums(a, st, decay), system_psums(b, st, decay), PREFIX, decay)
-    return out
+    return {n: prove_exprs_agree(a, nc(f"{n}[t]"), b, nc(f"{n}[t]"), decay) for n in names}
 
 
 # ---------------------------------------------------------------------------

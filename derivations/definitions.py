@@ -193,10 +193,9 @@ def prove_expansion(d) -> list:
             for T in range(1, 5):
                 q, k, v = rational_inputs(rng, T, 2, 2)
                 if part == "denominator":
-                    v = np.ones((T, 1), dtype=int).astype(object)
+                    v = np.ones((T, 1), dtype=int).astype(object)   # the definition with v -> 1
                 g = Fraction(1, 2) if decay else 1
-                a = brute_numeric(pat if part == "numerator" else pat, q, k, v if part == "numerator"
-                                  else np.ones((T, 1), dtype=int).astype(object), g)
+                a = brute_numeric(pat, q, k, v, g)
                 b = defn.numeric(q, k, v, g)
                 if not np.array_equal(np.asarray(a, dtype=object).reshape(T, -1),
                                       np.asarray(b, dtype=object).reshape(T, -1)):

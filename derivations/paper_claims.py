@@ -21,7 +21,7 @@ import sympy
 from hla_core.registry import OPERATORS
 
 from .claims import (Combine, Def, Rec, System, _fmt, operator_numeric, prove_associative,
-                     prove_compatible, prove_system_equals_pattern, prove_systems_agree,
+                     prove_compatible, prove_exprs_agree, prove_system_equals_pattern, prove_systems_agree,
                      readout_numeric, run_serial, same, scan_numeric, search, serial_step, states,
                      tokens)
 from .proofs import bracketings
@@ -334,14 +334,9 @@ def judge(claim) -> dict:
         if not ok:
             cex = search(_states_search(pl["a"], pl["b"], pl["names"]), pl["decay"])
     elif kind == "derived":
-        from .claims import system_psums
-        from .weights import compare
-        from .claims import PREFIX
-        res = {}
-        for part, expr_a, expr_b in (("F", pl["a"].readout, pl["b"].readout),
-                                     ("eta", pl["a"].readout_den, pl["b"].readout_den)):
-            res[part] = compare(system_psums(pl["a"], expr_a, pl["decay"]),
-                                system_psums(pl["b"], expr_b, pl["decay"]), PREFIX, pl["decay"])
+        a, b = pl["a"], pl["b"]
+        res = {"F": prove_exprs_agree(a, a.readout, b, b.readout, pl["decay"]),
+               "eta": prove_exprs_agree(a, a.readout_den, b, b.readout_den, pl["decay"])}
         cert = _weights_summary(res)
         ok = all(r["holds"] for r in res.values())
         method = "unrolled recurrence vs Eq. (7.4) combination, order types"
@@ -394,7 +389,7 @@ def _states_search(a: System, b: System, names):
     return check
 
 
-def judge_all(ops=None, progress=print) -> list[dict]:
+def judge_all(progress=print) -> list[dict]:
     out = []
     for claim in CLAIMS:
         v = judge(claim)

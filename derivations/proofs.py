@@ -22,7 +22,7 @@ import time
 
 import sympy
 
-from .algebra import (Segment, SympyAlgebra, associativity, base_segment, evaluate, hole_symbols,
+from .algebra import (SympyAlgebra, associativity, base_segment, combine_segments, evaluate, hole_symbols,
                       nc_symbol, token_segment)
 from .engine import Certificate, Derivation, Synthesis
 from .summaries import END, GAMMA, Summary, Term
@@ -96,11 +96,6 @@ def prove_combine(syn: Synthesis, part: str, decay: bool) -> Certificate:
     return _weights_cert("segment summaries and ⊕ (summary of a concatenation)", checks, part, decay)
 
 
-def _combine(syn: Synthesis, left: Segment, right: Segment) -> Segment:
-    from .algebra import combine_segments
-    return combine_segments(syn.combine, left, right)
-
-
 def prove_associativity(syn: Synthesis, part: str, decay: bool) -> Certificate:
     res = associativity({n: syn.combine[n] for n in syn.scan_state}, syn.holes, decay,
                         check_neutral=not syn.has_end_relations)
@@ -130,7 +125,7 @@ def prove_scan(syn: Synthesis, part: str, decay: bool) -> Certificate:
     gamma = GAMMA if decay else sympy.Integer(1)
     A = base_segment("A", holes, decay)
     tok = token_segment(syn.embeds, "t", gamma)
-    joined = _combine(syn, A, tok)
+    joined = combine_segments(syn.combine, A, tok)
     failures = []
     prev = {n: (lambda f, n=n: A.read(n, f)) for n in syn.scan_state}
     serial = _serial_step(syn, prev, "t", gamma)
@@ -203,7 +198,7 @@ def prove_exact(syn: Synthesis, part: str, decay: bool, T_max: int) -> Certifica
     def build(tree):
         if isinstance(tree, int):
             return token_segment(syn.embeds, tree, gamma)
-        return _combine(syn, build(tree[0]), build(tree[1]))
+        return combine_segments(syn.combine, build(tree[0]), build(tree[1]))
 
     def readout_of(read):
         alg = SympyAlgebra(ref=lambda seg, n, f: read(n, f), tok=None)

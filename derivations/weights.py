@@ -233,12 +233,12 @@ def _cmp(x, y) -> int:
     return (x > y) - (x < y)
 
 
-def _compare_vals(a, b, ctx_index) -> int:
+def _compare_vals(a, b) -> int:
     # values: ('v', k, r, end) or ('p', j)
     if a[0] == "p" and b[0] == "p":
         return _cmp(a[1], b[1])
     if a[0] == "p":
-        return -_compare_vals(b, a, ctx_index)
+        return -_compare_vals(b, a)
     if b[0] == "p":
         k, j = a[1], b[1]
         if k != j:
@@ -283,7 +283,7 @@ def compare(lhs: list[PSum], rhs: list[PSum], ctx: Context, decay: bool = True) 
                 for a, op, b in t.cons:
                     va = val[a] if a in val else ("p", point_index[a])
                     vb = val[b] if b in val else ("p", point_index[b])
-                    if not _holds(op, _compare_vals(va, vb, point_index)):
+                    if not _holds(op, _compare_vals(va, vb)):
                         ok = False
                         break
                 if not ok:

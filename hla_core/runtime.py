@@ -211,18 +211,14 @@ def token_factors(names, q, k, v, t, be):
 # ---------------------------------------------------------------------------
 # Drivers
 
-def _dims(d, dv):
-    return {"d": d, "dv": dv, "1": 1}
+def _resolve(shapes: dict, d, dv) -> dict:
+    """{name: ('d', 'dv', ...)} -> {name: (d, dv, ...)}."""
+    dims = {"d": d, "dv": dv, "1": 1}
+    return {name: tuple(dims[x] for x in shp) for name, shp in shapes.items()}
 
 
 def state_shapes(part, d, dv) -> dict:
-    dims = _dims(d, dv)
-    return {name: tuple(dims[x] for x in shp) for name, shp in part["state"].items()}
-
-
-def carry_shapes(part, d, dv) -> dict:
-    dims = _dims(d, dv)
-    return {name: tuple(dims[x] for x in shp) for name, shp in part["carry"].items()}
+    return _resolve(part["state"], d, dv)
 
 
 def _parts(mod, normalize):
@@ -230,9 +226,10 @@ def _parts(mod, normalize):
 
 
 def _merge_shapes(mod, normalize, d, dv, which):
+    """Shapes of the 'state' (streaming) or 'carry' (chunked) summaries of the used parts."""
     shapes = {}
     for _, part in _parts(mod, normalize):
-        shapes.update((state_shapes if which == "state" else carry_shapes)(part, d, dv))
+        shapes.update(_resolve(part[which], d, dv))
     return shapes
 
 
