@@ -21,17 +21,21 @@ with
             TF32 operands, 2^-10 allowing truncation; fp32 2^-24 -- the kernels use
             IEEE fp32 dots, not TF32 -- fp64 2^-53);
     m     : roundings of an intermediate to the operand format along one product
-            path. Counted in kernels/hla2.py and kernels/ahla.py: at most 5 (e.g. HLA2
-            k*g -> S -> M -> X -> output dot); the model uses M_OPERAND = 6;
+            path. The chunk kernels are chains of first-order linear attentions
+            (kernels/gla.py); counted there: at most 5 for HLA2 (k*g for S, S as the
+            operand of Q S0, kt = S q stored in the operand format, kt*g^2 for X, X as the
+            operand of Q X0) and for AHLA (k*g, P, vt, k*g, E); the model uses M_OPERAND = 6;
     u_acc : unit roundoff of the accumulator (fp32, or fp64 for fp64 inputs);
     n     : accumulation depth, the largest number of rounded additions and
             multiplications any term passes through. Recursive summation over the
-            tokens (recurrent) or the chunks (chunked) gives at most 3T, dot products
-            over d and C add 3d + 4C, and each of the <= 3 decay factors
-            exp2(n log2 g) (n <= 2C) adds 4 + 2C |log2 g| (rounding of log2 g
-            magnified by n, plus exp2 itself), and the chunk decay g^(2C) that
-            multiplies the carry once per chunk adds 2T|log2 g| over T/C chunks:
-            n = 3T + 3d + 4C + 12 + 6C|log2 g| + 2T|log2 g|;
+            tokens (recurrent) or over the chunks and segment folds of each chained stage
+            (chunked: at most 2T/C steps per stage, each a multiply, an add and an exp2)
+            gives at most 3T; dot products over d and C add 3d + 4C; each of the <= 4
+            per-token decay factors exp2(n log2 g^p) (two per stage, n <= C, p = 1 then
+            2 for HLA2) adds 4 + np|log2 g| (rounding of log2 g magnified by the exponent,
+            plus exp2 itself): 16 + 6C|log2 g|; and the carry decays g^(p Lc) per chunk and
+            g^(p SEG) per segment fold add at most pT|log2 g| per stage: 3T|log2 g|:
+            n = 3T + 3d + 4C + 16 + 6C|log2 g| + 3T|log2 g|;
     u_ref : 2^-53, the float64 reference's own rounding (same depth n);
     u_out : unit roundoff of the output format (the input dtype);
     eta_out: smallest subnormal spacing of the output format (gradual underflow of
@@ -51,19 +55,19 @@ fp16 output range is +-65504: callers must scale inputs so that |o| stays inside
 These constants are counted, not fitted: a test that exceeds this bound has found
 an error larger than the arithmetic can explain.
 
-Third order (op="hla3", kernels/hla3.py; the default op=None keeps the second-order
-constants above unchanged). Counted in kernels/hla3.py:
-    m = 7 operand roundings on the longest product path, e.g. the output term
-        M1 . QP with M1 = G Da, G = Q (S0 Q^T), S0 = (k g)^T K, QP = Q P0, P0 = (k g)^T V:
-        roundings of M1, SQ, S0, kg (for S0), QP, P0, kg (for P0); or the carry path
-        X -> (S0 Q^T) T1 with T1 from QP: X, SQ, S0, kg, T1, P0, kg. Model: M_OPERAND_HLA3 = 8.
+Third order (op="hla3"; the default op=None keeps the second-order constants above).
+The chunk kernel is the chain kt = LA(q, k, k; g), vt = LA(q, k, v; g), o = LA(q, kt, vt; g^3):
+    m = 8 operand roundings on the longest product path, the carry term q^T X0 with
+        X0 from (kt g^3)^T vt: X, kt*g^3, kt (stored), S, k*g (for S), vt (stored), P,
+        k*g (for P). Model: M_OPERAND_HLA3 = 9 (8 counted + 1 spare, as for second order).
     n: a term passes three chained recursions (KK over u-i tokens, KV over u-j, KK_QQ_KV
         over t-u with the factor g^3); per step the representation error of g (three
         times for g^3), one multiply and one add: at most 3(u-i) + 3(u-j) + 5(t-u) <= 6T.
         Dots along one term's tree: three over d and three over C (+ C spare as for
-        second order): 3d + 4C. Decay factors exp2(n log2 g) with n <= 3C, at most five
-        per term (e.g. Da, two g^(e-i) in S0 and P0, g^(2Lc+e-u), g^(3Lc)): 5 (4 + 3C|log2 g|).
-        n = 6T + 3d + 4C + 20 + 15C|log2 g|.
+        second order): 3d + 4C. Per-token decay factors: two per stage, exponents <= C
+        of g, g and g^3: 6 * 4 + 10C|log2 g|. Carry decays per chunk / segment fold:
+        (1 + 1 + 3) T|log2 g|.
+        n = 6T + 3d + 4C + 24 + 10C|log2 g| + 5T|log2 g|.
 """
 from __future__ import annotations
 
@@ -72,7 +76,7 @@ import math
 import numpy as np
 
 M_OPERAND = 6
-M_OPERAND_HLA3 = 8  # third order: 7 counted roundings + 1 spare (module docstring)
+M_OPERAND_HLA3 = 9  # third order: 8 counted roundings + 1 spare (module docstring)
 
 UNIT_ROUNDOFF = {
     "float64": 2.0 ** -53,
@@ -116,17 +120,18 @@ def _gam(n: float, u: float) -> float:
 
 
 def accumulation_depth(T: int, d: int, chunk_size: int, gamma: float, op=None) -> float:
-    """n of the model: 3T + 3d + 4C + 12 + 6C|log2 gamma| + 2T|log2 gamma|; for op="hla3"
-    6T + 3d + 4C + 20 + 15C|log2 gamma| + 3T|log2 gamma| (see the module docstring).
+    """n of the model: 3T + 3d + 4C + 16 + 6C|log2 gamma| + 3T|log2 gamma|; for op="hla3"
+    6T + 3d + 4C + 24 + 10C|log2 gamma| + 5T|log2 gamma| (see the module docstring).
 
-    The last term is the chunk-level decay: the carried state is multiplied once per chunk
-    by rho^k = gamma^(kC) (k = 2 for second order, 3 for HLA3), formed as exp2(kC log2 gamma)
-    with relative error about kC|log2 gamma| u; over T/C chunks that is kT|log2 gamma| u.
+    The T|log2 gamma| terms are the carry decays: each chained stage multiplies its carry
+    by gamma^(p Lc) per chunk and gamma^(p SEG) per segment fold, formed as exp2 with
+    relative error about (exponent)|log2 gamma| u; along one term the exponents add up to
+    at most pT per stage (p = 1, 2 for HLA2; 1, 1 for AHLA; 1, 1, 3 for HLA3).
     """
     lg = abs(math.log2(gamma))
     if op == "hla3":
-        return 6 * T + 3 * d + 4 * chunk_size + 20 + 15 * chunk_size * lg + 3 * T * lg
-    return 3 * T + 3 * d + 4 * chunk_size + 12 + 6 * chunk_size * lg + 2 * T * lg
+        return 6 * T + 3 * d + 4 * chunk_size + 24 + 10 * chunk_size * lg + 5 * T * lg
+    return 3 * T + 3 * d + 4 * chunk_size + 16 + 6 * chunk_size * lg + 3 * T * lg
 
 
 def operand_roundings(op=None) -> int:

@@ -1,7 +1,8 @@
 """Shared plumbing for the HLA Triton kernels: input checks, state types, launch choices.
 
-Everything here runs on the host. The kernels themselves live in `hla2.py`,
-`ahla.py` (and `hla3.py`). The conventions follow flash-linear-attention:
+Everything here runs on the host, except the decay helper `_decay`. The chunk kernel
+(first-order linear attention, chained per operator) lives in `gla.py`; the operators'
+recurrent kernels and chains in `hla2.py`, `ahla.py`, `hla3.py`. The conventions follow flash-linear-attention:
 q, k [B, T, H, d], v [B, T, H, dv], o [B, T, H, dv]; with `cu_seqlens`
 (varlen) B must be 1 and the packed sequences are cu_seqlens[n]:cu_seqlens[n+1].
 """
@@ -223,7 +224,7 @@ def prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite):
     gam = g.to(device=q.device, dtype=sdt)
     log2g = torch.log2(g).to(device=q.device, dtype=sdt)  # log2 in float64, then rounded
     return dict(B=B, T=T, H=H, d=d, dv=dv, N=N, cu=cu, lens=lens, sdt=sdt, gam=gam, log2g=log2g,
-                q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
+                g64=g, C=chunk_size, q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
 
 
 def block_sizes(d: int, dv: int, block_v: Optional[int]):
@@ -239,13 +240,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     use fp32 operands rounded to TF32 (unit roundoff 2^-11 like fp16, but fp32's range,
     so large states cannot overflow the operand format); others ignore it."""
     return "tf32" if dtype == torch.float16 else "ieee"
-
-
-def decay_table(gam: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """[H, 2C+1] table of g_h^n, n = 0..2C, computed in float64 (used by float64 kernels)."""
-    n = torch.arange(2 * chunk_size + 1, dtype=torch.float64)
-    return (gam.detach().to("cpu", torch.float64)[:, None] ** n[None, :]).to(device=gam.device,
-                                                                            dtype=gam.dtype).contiguous()
 
 
 @triton.jit
@@ -275,32 +269,8 @@ class HLA3State(NamedTuple):
     KK_QQ_K1: Optional[torch.Tensor] = None
 
 
-def decay_table_n(gam: torch.Tensor, n_max: int) -> torch.Tensor:
-    """[H, n_max+1] table of g_h^n, n = 0..n_max, computed in float64 (float64 kernels)."""
-    n = torch.arange(n_max + 1, dtype=torch.float64)
-    return (gam.detach().to("cpu", torch.float64)[:, None] ** n[None, :]).to(device=gam.device,
-                                                                            dtype=gam.dtype).contiguous()
-
-
-def min_block(dtype: torch.dtype) -> int:
-    """Smallest padded d / dv block for inputs of `dtype`.
-
-    16 is tl.dot's minimum. With 2-byte (bf16) dot operands on an H200 / triton 3.6 a 16-wide
-    block (a 32-byte row) makes the Hopper dot read past its shared-memory operand buffer
-    (compute-sanitizer: "Invalid __shared__ read of size 512 bytes" at `tl.dot(q, X)` with
-    X of 16 columns), which gives an illegal memory access or, when the stray read stays
-    inside the block's shared memory, wrong and run-to-run varying values. So bf16 pads
-    such blocks to 32 (64-byte rows); 4- and 8-byte operands keep 16.
-    """
-    dd = dot_dtype(dtype)
-    return 32 if dd in (tl.bfloat16, tl.float16) else 16
-
-
-def block_sizes_for(d: int, dv: int, block_v: Optional[int], dtype: torch.dtype):
-    """block_sizes with the operand-width floor of min_block(dtype)."""
-    m = min_block(dtype)
-    BK = max(m, triton.next_power_of_2(d))
-    if block_v is None:
-        block_v = 64
-    BV = max(m, min(block_v, triton.next_power_of_2(dv)))
-    return BK, BV
+def buf_dtype(dot) -> torch.dtype:
+    """Storage format of an intermediate that only ever feeds tl.dot (the kt, vt of the HLA
+    chains): the operand format it is rounded to anyway, so storing it costs no extra
+    rounding (bf16 for bf16 operands, fp32 for fp32 / TF32 operands, fp64)."""
+    return {tl.bfloat16: torch.bfloat16, tl.float32: torch.float32, tl.float64: torch.float64}[dot]

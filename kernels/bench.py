@@ -3,7 +3,9 @@
     python -m kernels.bench [--out DIR] [--quick]
 
 bf16 inputs, B=4, H=16, T in {4096, 16384}, d = dv in {64, 128}, decay gamma = 0.99
-(every method that takes a decay gets it). Times are medians of
+(every method that takes a decay gets it). first_order_la is the chained building block
+of the HLA kernels alone (one LA launch, kernels/gla.py), the same operator as fla's
+chunk_simple_gla with a scalar per-head decay. Times are medians of
 triton.testing.do_bench (CUDA events, warm-up first). TFLOP/s are on *counted*
 algorithmic FLOPs (formulas in flops_*; causal halves are not counted twice, redundant
 recomputation inside a kernel is not counted). Prints progress, then a short table;
@@ -29,32 +31,32 @@ def flops_sdpa(T, d):        # causal: QK^T and PV, half of each
     return B * H * 2 * T * T * d
 
 
-def flops_simple_gla(T, d):  # per token: state update + inter-chunk output 4 d dv, intra 2C(d + dv)
-    return B * H * T * (4 * d * d + 2 * C * (d + d))
+def flops_la(T, d, dv):
+    """One first-order chunked linear attention (kernels/gla.py; also fla's simple_gla):
+    per token Q K^T 2Cd and A V 2C dv (intra-chunk), Q X 2d dv and K^T V 2d dv (carry)."""
+    return B * H * T * (4 * d * dv + 2 * C * (d + dv))
+
+
+def flops_simple_gla(T, d):
+    return flops_la(T, d, d)
 
 
 def flops_hla2(T, d, dv=None):
-    """Per chunk: W 2C^2d, W Wd^T 2C^3, Q S0 2Cd^2, (QS0)Q^T 2C^2d, Q X0 2Cd dv, A V 2C^2dv,
-    M 2Cd dv, U V 2C^2 dv, S0 M 2d^2 dv, K^T(UV) 2Cd dv, K^T K 2Cd^2."""
+    """The chain kt = LA(q, k, k), o = LA(q, kt, v) (kernels/hla2.py)."""
     dv = dv or d
-    per_chunk = 4 * C * C * d + 2 * C ** 3 + 4 * C * d * d + 6 * C * d * dv + 4 * C * C * dv + 2 * d * d * dv
-    return B * H * (T / C) * per_chunk
+    return flops_la(T, d, d) + flops_la(T, d, dv)
 
 
 def flops_ahla(T, d, dv=None):
-    """Per chunk: W 2C^2d; Q P0, Q E0, K^T(QP0), (Kg)^T(WdV), (Kg)^T V: 10Cd dv;
-    Wd V, Wl (QP0), Wd (WdV): 6C^2 dv."""
+    """The chain vt = LA(q, k, v), o = LA(q, k, vt) (kernels/ahla.py)."""
     dv = dv or d
-    return B * H * (T / C) * (2 * C * C * d + 10 * C * d * dv + 6 * C * C * dv)
+    return 2 * flops_la(T, d, dv)
 
 
 def flops_hla3(T, d, dv=None):
-    """Per chunk (kernels/hla3.py): W 2C^2d, W Wd^T 2C^3, Wd V 2C^2dv, S0 Q^T 2Cd^2, Q(S0Q^T) 2C^2d,
-    Q P0 2Cd dv, Q X0 2Cd dv, M1 QP 2C^2dv, M2 WdV 2C^2dv, U T2 2C^2dv, (S0Q^T) T1 2Cd dv,
-    K^T(U T2) 2Cd dv, (Kg)^T V 2Cd dv, (Kg)^T K 2Cd^2."""
+    """The chain kt = LA(q, k, k), vt = LA(q, k, v), o = LA(q, kt, vt) (kernels/hla3.py)."""
     dv = dv or d
-    per_chunk = 4 * C * C * d + 2 * C ** 3 + 4 * C * d * d + 10 * C * d * dv + 8 * C * C * dv
-    return B * H * (T / C) * per_chunk
+    return flops_la(T, d, d) + 2 * flops_la(T, d, dv)
 
 
 def state_bytes_per_head(op, d, dv=None):
@@ -65,10 +67,11 @@ def state_bytes_per_head(op, d, dv=None):
 
 
 def torch_chunked_hla2(q, k, v, gamma, chunk=C):
-    """Plain-PyTorch chunked HLA2 (batched matmuls, fp32 state, bf16 operands like the kernel).
+    """Plain-PyTorch chunked HLA2 (batched matmuls, fp32 state, bf16 operands).
 
-    Same chunk algebra as kernels/hla2.py: local C x C weights for all chunks at once,
-    then a Python loop over chunks for the carried S (d x d) and X (d x dv).
+    The direct chunk form of the HLA2 carry (S = KK, X = KK_QV): local C x C weights for
+    all chunks at once, then a Python loop over chunks for S (d x d) and X (d x dv), with
+    the d x d x dv product S0 M per chunk that the LA chain of kernels/hla2.py avoids.
     """
     Bq, T, Hq, d = q.shape
     dv = v.shape[-1]
@@ -120,6 +123,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import triton
     import kernels
+    from kernels._common import operand_format, prepare
+    from kernels.gla import la_chunk
     from torch.nn.functional import scaled_dot_product_attention as sdpa
     try:
         from fla.ops.simple_gla import chunk_simple_gla
@@ -164,10 +169,7 @@ def main(argv=None):
                 if args.only and op not in args.only.split(","):
                     continue
                 res = []
-                cands = ([(64, 64, 8), (64, 64, 4), (64, 128, 8), (64, 32, 4), (32, 64, 4), (32, 64, 8),
-                          (32, 128, 8), (32, 32, 4)] if op == "chunk_hla2" else
-                         [(64, 64, 8), (64, 32, 8), (32, 64, 8), (32, 32, 4)] if op == "chunk_hla3" else
-                         [(64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 64, 4)])
+                cands = [(64, 64, 4), (64, 64, 8), (64, 128, 8), (128, 64, 8)]
                 for cs, bv, nw in cands:
                     cfg = dict(chunk_size=cs, block_v=bv, num_warps=nw)
                     try:
@@ -184,6 +186,12 @@ def main(argv=None):
                     print(f"[sweep] best {op} d={d}: {best[(op, d)]}", flush=True)
             del q, k, v
 
+    def first_order(q, k, v):
+        """The building block alone: one LA(q, k, v; gamma) launch (kernels/gla.py)."""
+        p = prepare(q, k, v, GAMMA, 1e-6, C, None, False)
+        return la_chunk(p, p["q"], p["k"], p["v"], 1, fmt=operand_format(q.dtype, q.shape[-1], v.shape[-1]),
+                        out_dtype=q.dtype)
+
     rows = []
     shapes = SHAPES[:1] if args.quick else SHAPES
     for T, d in shapes:
@@ -199,6 +207,7 @@ def main(argv=None):
                                                       **best.get(("chunk_ahla", d), kw)), flops_ahla(T, d)),
             "chunk_hla3": (lambda: kernels.chunk_hla3(q, k, v, gamma=GAMMA, check_finite=False,
                                                       **best.get(("chunk_hla3", d), kw)), flops_hla3(T, d)),
+            "first_order_la": (lambda: first_order(q, k, v), flops_la(T, d, d)),
             "sdpa_causal": (lambda: sdpa(qh, kh, vh, is_causal=True), flops_sdpa(T, d)),
             "torch_chunked_hla2": (lambda: torch_chunked_hla2(q, k, v, GAMMA), flops_hla2(T, d)),
         }
@@ -238,8 +247,8 @@ def main(argv=None):
 def print_table(rows):
     by = {(r["T"], r["d"], r["method"]): r for r in rows}
     shapes = sorted({(r["T"], r["d"]) for r in rows}, key=lambda s: (s[1], s[0]))
-    methods = ["chunk_hla2", "chunk_ahla", "chunk_hla3", "fla_chunk_simple_gla", "sdpa_causal",
-               "torch_chunked_hla2"]
+    methods = ["chunk_hla2", "chunk_ahla", "chunk_hla3", "first_order_la", "fla_chunk_simple_gla",
+               "sdpa_causal", "torch_chunked_hla2"]
     print("\n| T, d | " + " | ".join(methods) + " | hla2/fla | sdpa/hla2 |")
     print("|---" * (len(methods) + 3) + "|")
     for T, d in shapes:

@@ -40,7 +40,7 @@ def reference(q, k, v, **kw):
 
 
 def random_state(p, rng):
-    """A random HLA3State (KK symmetric by construction; the chunk kernel relies on it)."""
+    """A random HLA3State (KK symmetric, as sum k k^T is)."""
     N, H, d, dv = len(base.seqs(p)), p["H"], p["d"], p["dv"]
     f = lambda *s: torch.tensor(rng.standard_normal((N, H) + s))  # noqa: E731
     kk = f(d, d)
@@ -56,8 +56,9 @@ def run_kernel(p, mode, tq, initial_state=None, output_final_state=True):
         cu = torch.tensor(np.concatenate([[0], np.cumsum(p["lens"])]), dtype=torch.int32, device=DEVICE)
     sdt = torch.float64 if p["dtype"] == "float64" else torch.float32
     init = None if initial_state is None else base.to_device_state(initial_state, sdt)
+    kw = dict(segment_chunks=p.get("seg")) if mode == "chunk" else {}
     o, st_ = FNS[mode](q, k, v, gamma=base.gamma_arg(p), normalize=p["normalize"], chunk_size=p["C"],
-                       initial_state=init, output_final_state=output_final_state, cu_seqlens=cu)
+                       initial_state=init, output_final_state=output_final_state, cu_seqlens=cu, **kw)
     return o.double().cpu().numpy(), st_
 
 

@@ -1,0 +1,295 @@
+"""First-order chunked linear attention with a per-head decay: the one chunk kernel that
+every HLA chunked forward is built from.
+
+    LA(q, k, v; g)_t = sum_{j <= t} g^(t-j) (q_t . k_j) v_j        (inclusive, 0 < g <= 1)
+    carry X_t = sum_{j <= t} g^(t-j) k_j v_j^T,   LA_t = q_t^T X_t
+
+Why one first-order kernel suffices: the streaming states the derivation engine gives
+(docs/identities/) all update as  state_t = g^p state_{t-1} + a_t b_t^T  with a_t, b_t
+either a token vector or a read-out q_t^T (another state at t). Each such state is the
+carry of one LA whose key / value is that read-out:
+
+    HLA2: kt = LA(q, k, k; g)    (kt_t = KK_t q_t)       o = LA(q, kt, v; g^2)   (carry KK_QV)
+    AHLA: vt = LA(q, k, v; g)    (vt_t = KV_t^T q_t)     o = LA(q, k, vt; g)     (carry KQ_KV)
+    HLA3: kt, vt as above                                  o = LA(q, kt, vt; g^3)  (carry KK_QQ_KV)
+
+so the chunked HLA forwards are chains of two or three launches of this kernel, with no
+d x d x dv product and nothing d x d per chunk in HBM (kernels/hla2.py, ahla.py, hla3.py).
+The normalized operators replace v by 1 throughout: a scalar side channel with per-token
+value v1 (1 in the first stage, the previous stage's side output after it) and carry
+X1_t = sum_{j <= t} g^(t-j) v1_j k_j; the last stage divides by (side output + eps).
+
+Chunk form (chunk of Lc <= C tokens, local rows r, j = 0..Lc-1, chunk-start carry X0):
+    o_r   = g^(r+1) q_r^T X0 + sum_{j <= r} g^(r-j) (q_r . k_j) v_j
+    X_end = g^Lc X0 + sum_j g^(Lc-1-j) k_j v_j^T
+Every decay factor is g^n with 0 <= n <= C, formed directly (exp2(n log2 g) in fp32, an
+exact float64 table for float64 inputs), never as a ratio. One program owns one
+(sequence, head, value block) and keeps X in registers while the chunks stream through.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _decay
+
+
+@triton.jit
+def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, dx, dx1, cu, eps,
+                     T, H, D, DV, SEG, NSUM,
+                     BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                     SIDE: tl.constexpr, DIVIDE: tl.constexpr, STORE_O1: tl.constexpr,
+                     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr,
+                     DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TABLE: tl.constexpr):
+    # SIDE: 0 no side channel, 1 side value v1 = 1, 2 side value loaded from v1 [.., T, H].
+    # Program (iv, nh, s) owns value block iv of sequence-head nh, tokens [s SEG, (s+1) SEG);
+    # it starts from the carry folded from the earlier segments' summaries dx (_la_summary_kernel).
+    iv = tl.program_id(0)
+    nh = tl.program_id(1)
+    s = tl.program_id(2)
+    n = nh // H
+    h = nh % H
+    if VARLEN:
+        bos = tl.load(cu + n).to(tl.int64)
+        L = (tl.load(cu + n + 1) - tl.load(cu + n)).to(tl.int32)
+    else:
+        bos = n.to(tl.int64) * T
+        L = T
+    ok = tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    oc = tl.arange(0, C)
+    mk = ok < D
+    mv = ov < DV
+    lg = tl.load(log2g_ptr + h).to(ACC)
+    pw = pow_ptr + h * (C + 1)  # g^n, n = 0..C, exact float64 table (read only when TABLE)
+    sbase = nh.to(tl.int64)
+    x_off = sbase * D * DV + ok[:, None] * DV + ov[None, :]
+    x_msk = mk[:, None] & mv[None, :]
+    X = tl.zeros((BK, BV), dtype=ACC)
+    X1 = tl.zeros((BK,), dtype=ACC)
+    if HAS_INIT:
+        X = tl.load(x0 + x_off, mask=x_msk, other=0).to(ACC)
+        if SIDE > 0:
+            X1 = tl.load(x1_0 + sbase * D + ok, mask=mk, other=0).to(ACC)
+    start = s * SEG
+    stop = tl.minimum(start + SEG, L)
+    gS = tl.exp2(lg * SEG)                                                               # g^SEG
+    for sp in range(0, tl.minimum(s, NSUM)):  # Horner over the full earlier segments
+        X = gS * X + tl.load(dx + (sbase * NSUM + sp) * D * DV + ok[:, None] * DV + ov[None, :],
+                             mask=x_msk, other=0)
+        if SIDE > 0:
+            X1 = gS * X1 + tl.load(dx1 + (sbase * NSUM + sp) * D + ok, mask=mk, other=0)
+    r2 = oc[:, None]
+    c2 = oc[None, :]
+    b = _decay(lg, pw, oc + 1, TABLE)                                                    # g^(r+1)
+    Dm = tl.where(c2 <= r2, _decay(lg, pw, tl.maximum(r2 - c2, 0), TABLE), 0)            # g^(r-j), j<=r
+    for cs in range(start, stop, C):
+        Lc = tl.minimum(stop - cs, C)
+        mr = oc < Lc
+        rows = bos + cs + oc
+        qk_off = (rows[:, None] * H + h) * D + ok[None, :]
+        qk_msk = mr[:, None] & mk[None, :]
+        v_off = (rows[:, None] * H + h) * DV + ov[None, :]
+        v_msk = mr[:, None] & mv[None, :]
+        qb = tl.load(q + qk_off, mask=qk_msk, other=0)
+        kb = tl.load(k + qk_off, mask=qk_msk, other=0)
+        vd = tl.load(v + v_off, mask=v_msk, other=0).to(DOT)
+        qd = qb.to(DOT)
+        gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)          # g^(Lc-1-j)
+        gC = _decay(lg, pw, Lc, TABLE)                                                   # g^Lc
+        A = tl.dot(qd, tl.trans(kb.to(DOT)), input_precision=PREC, out_dtype=ACC) * Dm   # [r,j]
+        ob = b[:, None] * tl.dot(qd, X.to(DOT), input_precision=PREC, out_dtype=ACC)
+        ob += tl.dot(A.to(DOT), vd, input_precision=PREC, out_dtype=ACC)
+        if SIDE > 0:
+            if SIDE == 1:
+                w1 = mr.to(ACC)
+            else:
+                w1 = tl.load(v1 + rows * H + h, mask=mr, other=0).to(ACC)
+            ob1 = b * tl.sum(qb.to(ACC) * X1[None, :], 1) + tl.sum(A * w1[None, :], 1)
+            if DIVIDE:
+                ob = ob / (ob1 + tl.load(eps))[:, None]
+            if STORE_O1:
+                if iv == 0:
+                    tl.store(o1 + rows * H + h, ob1.to(o1.dtype.element_ty), mask=mr)
+            X1 = gC * X1 + tl.sum(kb.to(ACC) * (gk * w1)[:, None], 0)
+        tl.store(o + v_off, ob.to(o.dtype.element_ty), mask=v_msk)
+        kg = (kb.to(ACC) * gk[:, None]).to(DOT)
+        X = gC * X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)
+    if STORE_FINAL:
+        if (start < L) & (stop == L):  # the sequence's last segment
+            tl.store(xf + x_off, X.to(xf.dtype.element_ty), mask=x_msk)
+            if SIDE > 0:
+                if iv == 0:
+                    tl.store(x1f + sbase * D + ok, X1.to(x1f.dtype.element_ty), mask=mk)
+
+
+@triton.jit
+def _la_summary_kernel(k, v, v1, dx, dx1, log2g_ptr, pow_ptr, cu, T, H, D, DV, SEG, NSUM,
+                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SIDE: tl.constexpr,
+                       VARLEN: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                       TABLE: tl.constexpr):
+    # dx[nh, s] = sum_{j in segment s} g^(end_s - 1 - j) k_j v_j^T: the carry a segment adds
+    # (its chunk updates X <- g^Lc X + (K g^(Lc-1-j))^T V from X = 0); dx1 the same with v1.
+    iv = tl.program_id(0)
+    nh = tl.program_id(1)
+    s = tl.program_id(2)
+    n = nh // H
+    h = nh % H
+    if VARLEN:
+        bos = tl.load(cu + n).to(tl.int64)
+        L = (tl.load(cu + n + 1) - tl.load(cu + n)).to(tl.int32)
+    else:
+        bos = n.to(tl.int64) * T
+        L = T
+    ok = tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    oc = tl.arange(0, C)
+    mk = ok < D
+    mv = ov < DV
+    lg = tl.load(log2g_ptr + h).to(ACC)
+    pw = pow_ptr + h * (C + 1)
+    sbase = nh.to(tl.int64)
+    X = tl.zeros((BK, BV), dtype=ACC)
+    X1 = tl.zeros((BK,), dtype=ACC)
+    start = s * SEG
+    stop = tl.minimum(start + SEG, L)
+    for cs in range(start, stop, C):
+        Lc = tl.minimum(stop - cs, C)
+        mr = oc < Lc
+        rows = bos + cs + oc
+        kb = tl.load(k + (rows[:, None] * H + h) * D + ok[None, :], mask=mr[:, None] & mk[None, :], other=0)
+        vd = tl.load(v + (rows[:, None] * H + h) * DV + ov[None, :], mask=mr[:, None] & mv[None, :],
+                     other=0).to(DOT)
+        gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)          # g^(Lc-1-j)
+        gC = _decay(lg, pw, Lc, TABLE)                                                   # g^Lc
+        kg = (kb.to(ACC) * gk[:, None]).to(DOT)
+        X = gC * X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)
+        if SIDE > 0:
+            if SIDE == 1:
+                w1 = mr.to(ACC)
+            else:
+                w1 = tl.load(v1 + rows * H + h, mask=mr, other=0).to(ACC)
+            X1 = gC * X1 + tl.sum(kb.to(ACC) * (gk * w1)[:, None], 0)
+    tl.store(dx + (sbase * NSUM + s) * D * DV + ok[:, None] * DV + ov[None, :], X.to(dx.dtype.element_ty),
+             mask=mk[:, None] & mv[None, :])
+    if SIDE > 0:
+        if iv == 0:
+            tl.store(dx1 + (sbase * NSUM + s) * D + ok, X1.to(dx1.dtype.element_ty), mask=mk)
+
+
+# Triton compiles an integer argument equal to 1 as a constant; with dv = 1 (or d = 1) the
+# bf16 chunk kernels compiled that way read past their shared-memory dot operands on an
+# H200 / triton 3.6 (docs/benchmarks.md). This variant keeps D, DV as runtime values and is
+# used only when one of them is 1, so real sizes keep the usual specialization.
+_la_chunk_kernel_ns = triton.jit(do_not_specialize=["D", "DV"])(_la_chunk_kernel.fn)
+_la_summary_kernel_ns = triton.jit(do_not_specialize=["D", "DV"])(_la_summary_kernel.fn)
+
+
+def launch_config(dot, d: int, dv: int, block_v, num_warps, num_stages):
+    """(BK, BV, launch kwargs) for one LA launch with operand format `dot`.
+
+    Defaults from a sweep on an H200 (docs/benchmarks.md): 64-wide value blocks, 4 warps,
+    3 pipeline stages where the tiles fit (the loop waits on its loads: 0.57 ms for one
+    LA at B=4, H=16, T=16K, d=dv=128 with 3 stages, 0.75 with 2, 0.80 with 1), else 1.
+    2-byte operands pad blocks to 32, and to 64 for value blocks at d >= 128: on an H200 /
+    triton 3.6 narrower bf16 tiles make the Hopper dot read past its shared-memory operand
+    (compute-sanitizer: "Invalid __shared__ read", then wrong, run-to-run varying values or
+    an illegal memory access; docs/benchmarks.md). 4- and 8-byte operands keep tl.dot's
+    minimum of 16 and take narrower value blocks at head size 128 and above, so the tiles
+    fit in shared memory.
+    """
+    mb = 32 if dot in (tl.bfloat16, tl.float16) else 16
+    BK = max(mb, triton.next_power_of_2(d))
+    if block_v is None:
+        block_v = 64
+        if dot == tl.float32 and BK >= 128:
+            block_v = 32
+        if dot == tl.float64:
+            block_v = 16 if BK >= 128 else 32
+    BV = max(mb, min(block_v, triton.next_power_of_2(dv)))
+    if mb == 32 and BK >= 128 and dv > 32:
+        BV = max(BV, 64)  # bf16, d = 128, 32-wide value blocks: illegal memory access on an H200
+    if num_stages is None:
+        row_bytes = BK * (2 if mb == 32 else 8 if dot == tl.float64 else 4)
+        num_stages = 3 if row_bytes <= 256 else 1
+    launch = dict(num_stages=num_stages)
+    if num_warps is not None:
+        launch["num_warps"] = num_warps
+    return BK, BV, launch
+
+
+def segment_chunks_auto(n_chunks: int, programs: int, device) -> int:
+    """Chunks per segment when the caller does not choose. Each program is a sequential
+    loop over its chunks, so with fewer programs than SMs most of the GPU idles: then the
+    sequences are cut into about SMs / programs segments. With one program per SM or more
+    a split only adds the summary launch (measured slower on an H200): no split. The CPU
+    interpreter runs sequentially anyway: no split there."""
+    if device.type != "cuda":
+        return n_chunks
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    parts = max(1, min(n_chunks, sms // programs))
+    return -(-n_chunks // parts)
+
+
+def la_chunk(p, q, k, v, power: int, *, fmt, out_dtype, side=None, divide=False, side_out=False,
+             eps=1e-6, init=(None, None), final=(None, None), block_v=None, num_warps=None,
+             num_stages=None, segment_chunks=None):
+    """One LA(q, k, v; gamma^power) over the sequences described by `p`
+    (kernels._common.prepare). Returns (o [B, T, H, dv] in out_dtype, side output [B, T, H]
+    or None).
+
+    side: None, "ones" (v1 = 1) or a tensor [B, T, H] of per-token side values.
+    divide: o / (side output + eps) (the normalized operators' last stage).
+    init / final: (X [N, H, d, dv], X1 [N, H, d, 1] or None) carry in / out, or Nones.
+    fmt: (tl.dot operand dtype, input_precision), kernels._common.operand_format.
+    segment_chunks: the sequences are cut into segments of this many chunks that run in
+    parallel; a first launch computes each segment's carry contribution (its summary) and
+    every segment folds the earlier summaries into its starting carry. None: automatic.
+    """
+    B, T, H, N, sdt, C = p["B"], p["T"], p["H"], p["N"], p["sdt"], p["C"]
+    d, dv = q.shape[-1], v.shape[-1]
+    dev = q.device
+    DOT, PREC = fmt
+    BK, BV, launch = launch_config(DOT, d, dv, block_v, num_warps, num_stages)
+    nvb = triton.cdiv(dv, BV)
+    n_chunks = triton.cdiv(max(p["lens"]), C)
+    if segment_chunks is None:
+        segment_chunks = segment_chunks_auto(n_chunks, N * H * nvb, dev)
+    if not isinstance(segment_chunks, int) or isinstance(segment_chunks, bool) or segment_chunks < 1:
+        raise ValueError(f"segment_chunks must be a positive int or None, got {segment_chunks!r}")
+    SEG = C * min(segment_chunks, n_chunks)
+    nseg = triton.cdiv(max(p["lens"]), SEG)
+    o = torch.empty((B, T, H, dv), dtype=out_dtype, device=dev)
+    o1 = torch.empty((B, T, H), dtype=sdt, device=dev) if side_out else o
+    SIDE = 0 if side is None else 1 if isinstance(side, str) and side == "ones" else 2
+    v1 = side.contiguous() if SIDE == 2 else o
+    g64 = p["g64"]
+    log2g = (torch.log2(g64) * power).to(device=dev, dtype=sdt)  # in float64, then rounded
+    TABLE = sdt == torch.float64
+    if TABLE:
+        n = torch.arange(C + 1, dtype=torch.float64)
+        table = (g64[:, None] ** (power * n)[None, :]).to(device=dev, dtype=sdt).contiguous()
+    else:
+        table = log2g  # never read
+    cu = p["cu"] if p["cu"] is not None else o
+    dummy = o
+    ACC = tl.float64 if sdt == torch.float64 else tl.float32
+    ns = d == 1 or dv == 1
+    dx = dx1 = dummy
+    if nseg > 1:
+        dx = torch.empty((N, H, nseg - 1, d, dv), dtype=sdt, device=dev)
+        dx1 = torch.empty((N, H, nseg - 1, d), dtype=sdt, device=dev) if SIDE else dummy
+        (_la_summary_kernel_ns if ns else _la_summary_kernel)[(nvb, N * H, nseg - 1)](
+            k, v, v1, dx, dx1, log2g, table, cu, T, H, d, dv, SEG, nseg - 1,
+            BK=BK, BV=BV, C=C, SIDE=SIDE, VARLEN=p["cu"] is not None, DOT=DOT, ACC=ACC, PREC=PREC,
+            TABLE=TABLE, **launch)
+    (_la_chunk_kernel_ns if ns else _la_chunk_kernel)[(nvb, N * H, nseg)](
+        q, k, v, o, v1, o1, log2g, table,
+        init[0] if init[0] is not None else dummy, init[1] if init[1] is not None else dummy,
+        final[0] if final[0] is not None else dummy, final[1] if final[1] is not None else dummy,
+        dx, dx1, cu, torch.full((1,), float(eps), dtype=sdt, device=dev), T, H, d, dv, SEG, nseg - 1,
+        BK=BK, BV=BV, C=C, SIDE=SIDE, DIVIDE=bool(divide), STORE_O1=bool(side_out),
+        HAS_INIT=init[0] is not None, STORE_FINAL=final[0] is not None, VARLEN=p["cu"] is not None,
+        DOT=DOT, ACC=ACC, PREC=PREC, TABLE=TABLE, **launch)
+    return o, (o1 if side_out else None)
