@@ -192,14 +192,15 @@ def launch_config(dot, d: int, dv: int, block_v, num_warps, num_stages):
     Defaults from a sweep on an H200 (docs/benchmarks.md): 64-wide value blocks, 4 warps,
     3 pipeline stages where the tiles fit (the loop waits on its loads: 0.57 ms for one
     LA at B=4, H=16, T=16K, d=dv=128 with 3 stages, 0.75 with 2, 0.80 with 1), else 1.
-    2-byte operands pad blocks to 32, and to 64 for value blocks at d >= 128: on an H200 /
-    triton 3.6 narrower bf16 tiles make the Hopper dot read past its shared-memory operand
-    (compute-sanitizer: "Invalid __shared__ read", then wrong, run-to-run varying values or
-    an illegal memory access; docs/benchmarks.md). 4- and 8-byte operands keep tl.dot's
+    2-byte operands pad blocks to 64: on an H200 / triton 3.6 narrower bf16 tiles made the
+    Hopper dot read past its shared-memory operand (compute-sanitizer: "Invalid __shared__
+    read"), giving wrong, run-to-run varying values (d = 46, dv = 20: 4% of |op| off) or an
+    illegal memory access (d = 128 with 32-wide value blocks); docs/benchmarks.md. 4- and
+    8-byte operands keep tl.dot's
     minimum of 16 and take narrower value blocks at head size 128 and above, so the tiles
     fit in shared memory.
     """
-    mb = 32 if dot in (tl.bfloat16, tl.float16) else 16
+    mb = 64 if dot in (tl.bfloat16, tl.float16) else 16
     BK = max(mb, triton.next_power_of_2(d))
     if block_v is None:
         block_v = 64
@@ -208,10 +209,8 @@ def launch_config(dot, d: int, dv: int, block_v, num_warps, num_stages):
         if dot == tl.float64:
             block_v = 16 if BK >= 128 else 32
     BV = max(mb, min(block_v, triton.next_power_of_2(dv)))
-    if mb == 32 and BK >= 128 and dv > 32:
-        BV = max(BV, 64)  # bf16, d = 128, 32-wide value blocks: illegal memory access on an H200
     if num_stages is None:
-        row_bytes = BK * (2 if mb == 32 else 8 if dot == tl.float64 else 4)
+        row_bytes = BK * (2 if mb == 64 else 8 if dot == tl.float64 else 4)
         num_stages = 3 if row_bytes <= 256 else 1
     launch = dict(num_stages=num_stages)
     if num_warps is not None:
