@@ -120,7 +120,12 @@ def main(argv=None):
     ap.add_argument("--num-stages", type=int, default=None)
     ap.add_argument("--sweep", action="store_true", help="sweep chunk size, value block, warps first")
     ap.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
+    ap.add_argument("--table", default=None, metavar="JSON", help="only print the table of a saved bench.json")
     args = ap.parse_args(argv)
+    if args.table:
+        with open(args.table) as fh:
+            print_table(json.load(fh)["rows"])
+        return
     import triton
     import kernels
     from kernels._common import operand_format, prepare

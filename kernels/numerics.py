@@ -2,6 +2,7 @@
 
     python -m kernels.numerics --out DIR            # on the GPU
     python -m kernels.numerics --mpmath --out DIR   # on the CPU: float64 vs mpmath, small d
+    python -m kernels.numerics --tables --out DIR   # the markdown tables of docs/numerics.md
 
 GPU part: B=1, H=4, d=dv=64, inputs N(0,1)/sqrt(d) rounded to the tested dtype, T up to
 16K, gamma in {1, 0.99}, ops hla2 / ahla / hla3 (--ops), dtypes bf16 / fp32, chunked and (T <= 4K)
@@ -179,14 +180,35 @@ def mpmath_study(out, ops=("hla2", "ahla", "hla3")):
         json.dump(rows, fh, indent=1)
 
 
+def tables(gpu_json, mpmath_json):
+    """Markdown tables of docs/numerics.md from the two studies' raw rows."""
+    f = lambda x: "-" if x is None else f"{x:.3g}" if abs(x) >= 0.01 else f"{x:.2e}"  # noqa: E731
+    rows = json.load(open(gpu_json))["rows"]
+    print("| op | γ | dtype | T | chunk rel. err | recurrent rel. err | max \\|err\\|/\\|op\\| "
+          "| paper form (fp32) rel. err | max \\|state\\| |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['op']} | {r['gamma']} | {r['dtype']} | {r['T']} | {f(r['chunk_rel'])} | "
+              f"{f(r.get('recurrent_rel'))} | {f(r['chunk_vs_absop'])} | {f(r.get('paper_form_fp32_rel'))} | "
+              f"{f(r['state_max'])} |")
+    print("\n| op | γ | T | chunk float64 vs mpmath | recurrent float64 vs mpmath |")
+    print("|---|---|---|---|---|")
+    for r in json.load(open(mpmath_json)):
+        print(f"| {r['op']} | {r['gamma']} | {r['T']} | {f(r['chunk_f64_rel'])} | {f(r['fused_recurrent_f64_rel'])} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs")
     ap.add_argument("--mpmath", action="store_true")
     ap.add_argument("--ops", default="hla2,ahla,hla3", help="comma-separated subset of hla2,ahla,hla3")
+    ap.add_argument("--tables", action="store_true",
+                    help="print the markdown tables of --out/numerics.json and --out/numerics_mpmath.json")
     a = ap.parse_args(argv)
     ops = tuple(a.ops.split(","))
-    if a.mpmath:
+    if a.tables:
+        tables(os.path.join(a.out, "numerics.json"), os.path.join(a.out, "numerics_mpmath.json"))
+    elif a.mpmath:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         mpmath_study(a.out, ops)
     else:
