@@ -56,11 +56,6 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def tl_dtype(dtype: torch.dtype):
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-            torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
-
-
 def dot_dtype(dtype: torch.dtype):
     """Operand format of every tl.dot for inputs of `dtype`.
 
@@ -183,21 +178,22 @@ def check_eps(eps):
 
 
 def check_state(state, cls, fields_shapes: dict, normalize: bool, device, sdtype):
-    """Validate an initial state and return its tensors contiguous, in the state dtype.
+    """Validate an initial state and return {field: tensor contiguous in the state dtype}.
 
-    fields_shapes maps field name -> expected shape; fields whose name is in
-    `norm_fields` are needed only when normalize is True.
+    fields_shapes maps field name -> expected shape. The fields that `cls` defaults to None
+    (the v -> 1 carries) are needed only with normalize; without it they come back None.
     """
     if not isinstance(state, tuple) or not hasattr(state, "_fields"):
         raise TypeError(f"initial_state must be a {cls.__name__} named tuple, got {type(state).__name__}")
+    optional = set(cls._field_defaults)
     out = {}
     for name, shape in fields_shapes.items():
         x = getattr(state, name, None)
+        if name in optional and not normalize:
+            out[name] = None
+            continue
         if x is None:
-            if shape[-1] == 1 and not normalize:
-                out[name] = None
-                continue
-            raise ValueError(f"initial_state.{name} is missing (needed {'with normalize' if shape[-1] == 1 else ''})")
+            raise ValueError(f"initial_state.{name} is missing" + (" (needed with normalize)" if name in optional else ""))
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"initial_state.{name} must be a tensor")
         if tuple(x.shape) != tuple(shape):
@@ -209,6 +205,19 @@ def check_state(state, cls, fields_shapes: dict, normalize: bool, device, sdtype
         _finite(f"initial_state.{name}", x)
         out[name] = x.to(sdtype).contiguous()
     return out
+
+
+def carry_in_out(cls, shapes: dict, initial_state, output_final_state, normalize, device, sdtype):
+    """(validated initial carry {field: tensor or None}, fresh final state of `cls` or None)."""
+    st = dict.fromkeys(cls._fields)
+    if initial_state is not None:
+        st = check_state(initial_state, cls, shapes, normalize, device, sdtype)
+    fin = None
+    if output_final_state:
+        optional = set(cls._field_defaults)
+        fin = cls(**{f: torch.empty(shapes[f], dtype=sdtype, device=device)
+                     if normalize or f not in optional else None for f in cls._fields})
+    return st, fin
 
 
 def prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite):
@@ -225,14 +234,6 @@ def prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite):
     log2g = torch.log2(g).to(device=q.device, dtype=sdt)  # log2 in float64, then rounded
     return dict(B=B, T=T, H=H, d=d, dv=dv, N=N, cu=cu, lens=lens, sdt=sdt, gam=gam, log2g=log2g,
                 g64=g, C=chunk_size, q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
-
-
-def block_sizes(d: int, dv: int, block_v: Optional[int]):
-    BK = max(16, triton.next_power_of_2(d))
-    if block_v is None:
-        block_v = 64
-    BV = max(16, min(block_v, triton.next_power_of_2(dv)))
-    return BK, BV
 
 
 def dot_precision(dtype: torch.dtype) -> str:

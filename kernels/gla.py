@@ -32,7 +32,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _decay
+from ._common import _decay, buf_dtype, operand_format
+
+
+@triton.jit
+def _seq_bounds(cu, n, T, VARLEN: tl.constexpr):
+    """(first row, length) of sequence n: packed by cu_seqlens, or rows n T .. n T + T - 1."""
+    if VARLEN:
+        bos = tl.load(cu + n).to(tl.int64)
+        L = (tl.load(cu + n + 1) - tl.load(cu + n)).to(tl.int32)
+    else:
+        bos = n.to(tl.int64) * T
+        L = T
+    return bos, L
 
 
 @triton.jit
@@ -48,14 +60,8 @@ def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, 
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     s = tl.program_id(2)
-    n = nh // H
     h = nh % H
-    if VARLEN:
-        bos = tl.load(cu + n).to(tl.int64)
-        L = (tl.load(cu + n + 1) - tl.load(cu + n)).to(tl.int32)
-    else:
-        bos = n.to(tl.int64) * T
-        L = T
+    bos, L = _seq_bounds(cu, nh // H, T, VARLEN)
     ok = tl.arange(0, BK)
     ov = iv * BV + tl.arange(0, BV)
     oc = tl.arange(0, C)
@@ -134,14 +140,8 @@ def _la_summary_kernel(k, v, v1, dx, dx1, log2g_ptr, pow_ptr, cu, T, H, D, DV, S
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     s = tl.program_id(2)
-    n = nh // H
     h = nh % H
-    if VARLEN:
-        bos = tl.load(cu + n).to(tl.int64)
-        L = (tl.load(cu + n + 1) - tl.load(cu + n)).to(tl.int32)
-    else:
-        bos = n.to(tl.int64) * T
-        L = T
+    bos, L = _seq_bounds(cu, nh // H, T, VARLEN)
     ok = tl.arange(0, BK)
     ov = iv * BV + tl.arange(0, BV)
     oc = tl.arange(0, C)
@@ -178,6 +178,58 @@ def _la_summary_kernel(k, v, v1, dx, dx1, log2g_ptr, pow_ptr, cu, T, H, D, DV, S
             tl.store(dx1 + (sbase * NSUM + s) * D + ok, X1.to(dx1.dtype.element_ty), mask=mk)
 
 
+@triton.jit
+def _la_recurrent_kernel(q, k, v, o, v1, o1, g_ptr, x0, x1_0, xf, x1f, cu, eps, T, H, D, DV,
+                         BK: tl.constexpr, BV: tl.constexpr, SIDE: tl.constexpr, DIVIDE: tl.constexpr,
+                         STORE_O1: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                         VARLEN: tl.constexpr, ACC: tl.constexpr):
+    # the online update token by token, X_t = g X_{t-1} + k_t v_t^T, o_t = q_t^T X_t, in ACC
+    # element-wise arithmetic (no tl.dot); same arguments and side channel as the chunk kernel
+    iv = tl.program_id(0)
+    nh = tl.program_id(1)
+    h = nh % H
+    bos, L = _seq_bounds(cu, nh // H, T, VARLEN)
+    ok = tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    mk = ok < D
+    mv = ov < DV
+    g = tl.load(g_ptr + h).to(ACC)
+    sbase = nh.to(tl.int64)
+    x_off = sbase * D * DV + ok[:, None] * DV + ov[None, :]
+    x_msk = mk[:, None] & mv[None, :]
+    X = tl.zeros((BK, BV), dtype=ACC)
+    X1 = tl.zeros((BK,), dtype=ACC)
+    if HAS_INIT:
+        X = tl.load(x0 + x_off, mask=x_msk, other=0).to(ACC)
+        if SIDE > 0:
+            X1 = tl.load(x1_0 + sbase * D + ok, mask=mk, other=0).to(ACC)
+    for t in range(0, L):
+        row = bos + t
+        qt = tl.load(q + (row * H + h) * D + ok, mask=mk, other=0).to(ACC)
+        kt = tl.load(k + (row * H + h) * D + ok, mask=mk, other=0).to(ACC)
+        vt = tl.load(v + (row * H + h) * DV + ov, mask=mv, other=0).to(ACC)
+        X = g * X + kt[:, None] * vt[None, :]
+        ot = tl.sum(qt[:, None] * X, 0)
+        if SIDE > 0:
+            if SIDE == 1:
+                w1 = 1.0
+            else:
+                w1 = tl.load(v1 + row * H + h).to(ACC)
+            X1 = g * X1 + kt * w1
+            ot1 = tl.sum(qt * X1, 0)
+            if DIVIDE:
+                ot = ot / (ot1 + tl.load(eps))
+            if STORE_O1:
+                if iv == 0:
+                    tl.store(o1 + row * H + h, ot1.to(o1.dtype.element_ty))
+        tl.store(o + (row * H + h) * DV + ov, ot.to(o.dtype.element_ty), mask=mv)
+    if STORE_FINAL:
+        tl.store(xf + x_off, X.to(xf.dtype.element_ty), mask=x_msk)
+        if SIDE > 0:
+            if iv == 0:
+                tl.store(x1f + sbase * D + ok, X1.to(x1f.dtype.element_ty), mask=mk)
+
+
 # Triton compiles an integer argument equal to 1 as a constant; with dv = 1 (or d = 1) the
 # bf16 chunk kernels compiled that way read past their shared-memory dot operands on an
 # H200 / triton 3.6 (docs/benchmarks.md). This variant keeps D, DV as runtime values and is
@@ -186,7 +238,7 @@ _la_chunk_kernel_ns = triton.jit(do_not_specialize=["D", "DV"])(_la_chunk_kernel
 _la_summary_kernel_ns = triton.jit(do_not_specialize=["D", "DV"])(_la_summary_kernel.fn)
 
 
-def launch_config(dot, d: int, dv: int, block_v, num_warps, num_stages):
+def launch_config(dot, d: int, dv: int, block_v=None, num_warps=None, num_stages=None):
     """(BK, BV, launch kwargs) for one LA launch with operand format `dot`.
 
     Defaults from a sweep on an H200 (docs/benchmarks.md): 64-wide value blocks, 4 warps,
@@ -231,64 +283,86 @@ def segment_chunks_auto(n_chunks: int, programs: int, device) -> int:
     return -(-n_chunks // parts)
 
 
-def la_chunk(p, q, k, v, power: int, *, fmt, out_dtype, side=None, divide=False, side_out=False,
-             eps=1e-6, init=(None, None), final=(None, None), block_v=None, num_warps=None,
-             num_stages=None, segment_chunks=None):
-    """One LA(q, k, v; gamma^power) over the sequences described by `p`
-    (kernels._common.prepare). Returns (o [B, T, H, dv] in out_dtype, side output [B, T, H]
-    or None).
+class Chain:
+    """The LA launches of one operator call, in one mode with shared launch knobs.
 
-    side: None, "ones" (v1 = 1) or a tensor [B, T, H] of per-token side values.
-    divide: o / (side output + eps) (the normalized operators' last stage).
-    init / final: (X [N, H, d, dv], X1 [N, H, d, 1] or None) carry in / out, or Nones.
-    fmt: (tl.dot operand dtype, input_precision), kernels._common.operand_format.
-    segment_chunks: the sequences are cut into segments of this many chunks that run in
-    parallel; a first launch computes each segment's carry contribution (its summary) and
-    every segment folds the earlier summaries into its starting carry. None: automatic.
+    mode "chunk" (kernel _la_chunk_kernel) or "recurrent" (_la_recurrent_kernel). Stage
+    outputs that feed a later stage are stored in the format that stage reads them in:
+    the tl.dot operand format for chunk mode (no extra rounding, kernels._common.buf_dtype),
+    the state format for recurrent mode (no dots). The last stage writes the input dtype.
     """
-    B, T, H, N, sdt, C = p["B"], p["T"], p["H"], p["N"], p["sdt"], p["C"]
-    d, dv = q.shape[-1], v.shape[-1]
-    dev = q.device
-    DOT, PREC = fmt
-    BK, BV, launch = launch_config(DOT, d, dv, block_v, num_warps, num_stages)
-    nvb = triton.cdiv(dv, BV)
-    n_chunks = triton.cdiv(max(p["lens"]), C)
-    if segment_chunks is None:
-        segment_chunks = segment_chunks_auto(n_chunks, N * H * nvb, dev)
-    if not isinstance(segment_chunks, int) or isinstance(segment_chunks, bool) or segment_chunks < 1:
-        raise ValueError(f"segment_chunks must be a positive int or None, got {segment_chunks!r}")
-    SEG = C * min(segment_chunks, n_chunks)
-    nseg = triton.cdiv(max(p["lens"]), SEG)
-    o = torch.empty((B, T, H, dv), dtype=out_dtype, device=dev)
-    o1 = torch.empty((B, T, H), dtype=sdt, device=dev) if side_out else o
-    SIDE = 0 if side is None else 1 if isinstance(side, str) and side == "ones" else 2
-    v1 = side.contiguous() if SIDE == 2 else o
-    g64 = p["g64"]
-    log2g = (torch.log2(g64) * power).to(device=dev, dtype=sdt)  # in float64, then rounded
-    TABLE = sdt == torch.float64
-    if TABLE:
-        n = torch.arange(C + 1, dtype=torch.float64)
-        table = (g64[:, None] ** (power * n)[None, :]).to(device=dev, dtype=sdt).contiguous()
-    else:
-        table = log2g  # never read
-    cu = p["cu"] if p["cu"] is not None else o
-    dummy = o
-    ACC = tl.float64 if sdt == torch.float64 else tl.float32
-    ns = d == 1 or dv == 1
-    dx = dx1 = dummy
-    if nseg > 1:
-        dx = torch.empty((N, H, nseg - 1, d, dv), dtype=sdt, device=dev)
-        dx1 = torch.empty((N, H, nseg - 1, d), dtype=sdt, device=dev) if SIDE else dummy
-        (_la_summary_kernel_ns if ns else _la_summary_kernel)[(nvb, N * H, nseg - 1)](
-            k, v, v1, dx, dx1, log2g, table, cu, T, H, d, dv, SEG, nseg - 1,
-            BK=BK, BV=BV, C=C, SIDE=SIDE, VARLEN=p["cu"] is not None, DOT=DOT, ACC=ACC, PREC=PREC,
-            TABLE=TABLE, **launch)
-    (_la_chunk_kernel_ns if ns else _la_chunk_kernel)[(nvb, N * H, nseg)](
-        q, k, v, o, v1, o1, log2g, table,
-        init[0] if init[0] is not None else dummy, init[1] if init[1] is not None else dummy,
-        final[0] if final[0] is not None else dummy, final[1] if final[1] is not None else dummy,
-        dx, dx1, cu, torch.full((1,), float(eps), dtype=sdt, device=dev), T, H, d, dv, SEG, nseg - 1,
-        BK=BK, BV=BV, C=C, SIDE=SIDE, DIVIDE=bool(divide), STORE_O1=bool(side_out),
-        HAS_INIT=init[0] is not None, STORE_FINAL=final[0] is not None, VARLEN=p["cu"] is not None,
-        DOT=DOT, ACC=ACC, PREC=PREC, TABLE=TABLE, **launch)
-    return o, (o1 if side_out else None)
+
+    def __init__(self, p, mode, block_v=None, num_warps=None, num_stages=None, segment_chunks=None):
+        if mode not in ("chunk", "recurrent"):
+            raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
+        self.p, self.mode = p, mode
+        self.fmt = operand_format(p["q"].dtype, p["d"], p["dv"])
+        self.mid_dtype = buf_dtype(self.fmt[0]) if mode == "chunk" else p["sdt"]
+        self.knobs = dict(block_v=block_v, num_warps=num_warps, num_stages=num_stages)
+        self.segment_chunks = segment_chunks
+
+    def __call__(self, q, k, v, power: int, *, last=False, side=None, divide=False, side_out=False,
+                 eps=1e-6, init=(None, None), final=(None, None)):
+        """LA(q, k, v; gamma^power) over the sequences of p. Returns (o [B, T, H, dv], side
+        output [B, T, H] or None).
+
+        side: None, "ones" (v1 = 1) or a tensor [B, T, H] of per-token side values.
+        divide: o / (side output + eps) (the normalized operators' last stage).
+        init / final: (X [N, H, d, dv], X1 [N, H, d, 1] or None) carry in / out, or Nones.
+        """
+        p = self.p
+        B, T, H, N, sdt = p["B"], p["T"], p["H"], p["N"], p["sdt"]
+        d, dv = q.shape[-1], v.shape[-1]
+        dev = q.device
+        o = torch.empty((B, T, H, dv), dtype=p["q"].dtype if last else self.mid_dtype, device=dev)
+        o1 = torch.empty((B, T, H), dtype=sdt, device=dev) if side_out else o
+        SIDE = 0 if side is None else 1 if isinstance(side, str) and side == "ones" else 2
+        dummy = o
+        args = dict(v1=side.contiguous() if SIDE == 2 else dummy, o1=o1,
+                    x0=init[0] if init[0] is not None else dummy, x1_0=init[1] if init[1] is not None else dummy,
+                    xf=final[0] if final[0] is not None else dummy, x1f=final[1] if final[1] is not None else dummy,
+                    cu=p["cu"] if p["cu"] is not None else dummy, eps=torch.full((1,), float(eps), dtype=sdt, device=dev))
+        flags = dict(SIDE=SIDE, DIVIDE=bool(divide), STORE_O1=bool(side_out), HAS_INIT=init[0] is not None,
+                     STORE_FINAL=final[0] is not None, VARLEN=p["cu"] is not None,
+                     ACC=tl.float64 if sdt == torch.float64 else tl.float32)
+        g64 = p["g64"]
+        if self.mode == "recurrent":
+            BK = max(16, triton.next_power_of_2(d))
+            BV = max(16, min(self.knobs["block_v"] or 64, triton.next_power_of_2(dv)))
+            launch = {key: val for key, val in (("num_warps", self.knobs["num_warps"]),
+                                                ("num_stages", self.knobs["num_stages"])) if val is not None}
+            gp = (g64 ** power).to(device=dev, dtype=sdt)  # in float64, then rounded
+            _la_recurrent_kernel[(triton.cdiv(dv, BV), N * H)](
+                q, k, v, o, g_ptr=gp, T=T, H=H, D=d, DV=dv, BK=BK, BV=BV, **args, **flags, **launch)
+            return o, (o1 if side_out else None)
+        C = p["C"]
+        DOT, PREC = self.fmt
+        BK, BV, launch = launch_config(DOT, d, dv, **self.knobs)
+        nvb = triton.cdiv(dv, BV)
+        n_chunks = triton.cdiv(max(p["lens"]), C)
+        seg = self.segment_chunks
+        if seg is None:
+            seg = segment_chunks_auto(n_chunks, N * H * nvb, dev)
+        if not isinstance(seg, int) or isinstance(seg, bool) or seg < 1:
+            raise ValueError(f"segment_chunks must be a positive int or None, got {seg!r}")
+        SEG = C * min(seg, n_chunks)
+        nseg = triton.cdiv(max(p["lens"]), SEG)
+        log2g = (torch.log2(g64) * power).to(device=dev, dtype=sdt)  # in float64, then rounded
+        TABLE = sdt == torch.float64
+        table = log2g  # never read unless TABLE
+        if TABLE:
+            n = torch.arange(C + 1, dtype=torch.float64)
+            table = (g64[:, None] ** (power * n)[None, :]).to(device=dev, dtype=sdt).contiguous()
+        ns = d == 1 or dv == 1
+        dx = dx1 = dummy
+        consts = dict(BK=BK, BV=BV, C=C, DOT=DOT, PREC=PREC, TABLE=TABLE)
+        if nseg > 1:
+            dx = torch.empty((N, H, nseg - 1, d, dv), dtype=sdt, device=dev)
+            dx1 = torch.empty((N, H, nseg - 1, d), dtype=sdt, device=dev) if SIDE else dummy
+            (_la_summary_kernel_ns if ns else _la_summary_kernel)[(nvb, N * H, nseg - 1)](
+                k, v, args["v1"], dx, dx1, log2g, table, args["cu"], T, H, d, dv, SEG, nseg - 1,
+                SIDE=SIDE, VARLEN=flags["VARLEN"], ACC=flags["ACC"], **consts, **launch)
+        (_la_chunk_kernel_ns if ns else _la_chunk_kernel)[(nvb, N * H, nseg)](
+            q, k, v, o, log2g_ptr=log2g, pow_ptr=table, dx=dx, dx1=dx1, T=T, H=H, D=d, DV=dv, SEG=SEG,
+            NSUM=nseg - 1, **args, **flags, **consts, **launch)
+        return o, (o1 if side_out else None)
