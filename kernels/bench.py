@@ -128,8 +128,8 @@ def main(argv=None):
         return
     import triton
     import kernels
-    from kernels._common import operand_format, prepare
-    from kernels.gla import la_chunk
+    from kernels._common import prepare
+    from kernels.gla import Chain
     from torch.nn.functional import scaled_dot_product_attention as sdpa
     try:
         from fla.ops.simple_gla import chunk_simple_gla
@@ -189,13 +189,11 @@ def main(argv=None):
                 if res:
                     best[(op, d)] = min(res, key=lambda x: x[0])[1]
                     print(f"[sweep] best {op} d={d}: {best[(op, d)]}", flush=True)
-            del q, k, v
 
     def first_order(q, k, v):
         """The building block alone: one LA(q, k, v; gamma) launch (kernels/gla.py)."""
         p = prepare(q, k, v, GAMMA, 1e-6, C, None, False)
-        return la_chunk(p, p["q"], p["k"], p["v"], 1, fmt=operand_format(q.dtype, q.shape[-1], v.shape[-1]),
-                        out_dtype=q.dtype)
+        return Chain(p, "chunk")(p["q"], p["k"], p["v"], 1, last=True)
 
     rows = []
     shapes = SHAPES[:1] if args.quick else SHAPES
@@ -235,7 +233,6 @@ def main(argv=None):
             print(f"[bench] T={T:6d} d={d:4d} {mname:22s} {ms:8.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s "
                   f"({100 * fl / ms / 1e9 / PEAK_BF16_TFLOPS:.1f}% of bf16 peak) ({time.time() - t0:.1f}s wall)",
                   flush=True)
-        del q, k, v, qh, kh, vh
         torch.cuda.empty_cache()
 
     os.makedirs(args.out, exist_ok=True)
