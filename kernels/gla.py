@@ -1,5 +1,5 @@
-"""First-order chunked linear attention with a per-head decay: the one chunk kernel that
-every HLA chunked forward is built from.
+"""First-order linear attention with a per-head decay, chunked and token by token: the
+kernels every HLA forward (kernels/hla2.py, ahla.py, hla3.py) is built from.
 
     LA(q, k, v; g)_t = sum_{j <= t} g^(t-j) (q_t . k_j) v_j        (inclusive, 0 < g <= 1)
     carry X_t = sum_{j <= t} g^(t-j) k_j v_j^T,   LA_t = q_t^T X_t
@@ -13,8 +13,9 @@ carry of one LA whose key / value is that read-out:
     AHLA: vt = LA(q, k, v; g)    (vt_t = KV_t^T q_t)     o = LA(q, k, vt; g)     (carry KQ_KV)
     HLA3: kt, vt as above                                  o = LA(q, kt, vt; g^3)  (carry KK_QQ_KV)
 
-so the chunked HLA forwards are chains of two or three launches of this kernel, with no
-d x d x dv product and nothing d x d per chunk in HBM (kernels/hla2.py, ahla.py, hla3.py).
+so the HLA forwards are chains of two or three LA launches (class Chain): in chunk mode no
+d x d x dv product and nothing d x d per chunk in HBM; in recurrent mode the same chain
+token by token.
 The normalized operators replace v by 1 throughout: a scalar side channel with per-token
 value v1 (1 in the first stage, the previous stage's side output after it) and carry
 X1_t = sum_{j <= t} g^(t-j) v1_j k_j; the last stage divides by (side output + eps).
@@ -248,9 +249,8 @@ def launch_config(dot, d: int, dv: int, block_v=None, num_warps=None, num_stages
     Hopper dot read past its shared-memory operand (compute-sanitizer: "Invalid __shared__
     read"), giving wrong, run-to-run varying values (d = 46, dv = 20: 4% of |op| off) or an
     illegal memory access (d = 128 with 32-wide value blocks); docs/benchmarks.md. 4- and
-    8-byte operands keep tl.dot's
-    minimum of 16 and take narrower value blocks at head size 128 and above, so the tiles
-    fit in shared memory.
+    8-byte operands keep tl.dot's minimum of 16 and take narrower value blocks at head
+    size 128 and above, so the tiles fit in shared memory.
     """
     mb = 64 if dot in (tl.bfloat16, tl.float16) else 16
     BK = max(mb, triton.next_power_of_2(d))
