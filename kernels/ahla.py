@@ -15,32 +15,22 @@ The recurrent forms run the same chains with the token-by-token LA kernel.
 """
 from __future__ import annotations
 
-from ._common import AHLAState, carry_in_out, prepare
-from .gla import Chain
+from ._common import AHLAState
+from .gla import Stage, run_chain
 
-
-def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-         cu_seqlens, check_finite, block_v, num_warps, num_stages, segment_chunks=None):
-    p = prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite)
-    N, H, d, dv = p["N"], p["H"], p["d"], p["dv"]
-    st, fin = carry_in_out(AHLAState, {"KV": (N, H, d, dv), "KQ_KV": (N, H, d, dv), "K1": (N, H, d, 1),
-                                         "KQ_K1": (N, H, d, 1)},
-                           initial_state, output_final_state, normalize, q.device, p["sdt"])
-    f = fin._asdict() if fin is not None else dict.fromkeys(AHLAState._fields)
-    la = Chain(p, mode, block_v, num_warps, num_stages, segment_chunks)
-    vt, vt1 = la(p["q"], p["k"], p["v"], 1, side="ones" if normalize else None, side_out=normalize,
-                 init=(st["KV"], st["K1"]), final=(f["KV"], f["K1"]))
-    o, _ = la(p["q"], p["k"], vt, 1, last=True, side=vt1, divide=normalize, eps=eps,
-              init=(st["KQ_KV"], st["KQ_K1"]), final=(f["KQ_KV"], f["KQ_K1"]))
-    return o, fin
+# the derived streaming update as LA stages (kernels/gla.py: Stage); checked against the
+# derivation engine by property_tests/test_kernel_chains.py
+CHAIN = (Stage("KV", key="k", value="v", power=1, side="K1"),
+         Stage("KQ_KV", key="k", value="KV", power=1, side="KQ_K1"))
 
 
 def chunk_ahla(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
                output_final_state=False, cu_seqlens=None, check_finite=True,
                block_v=None, num_warps=None, num_stages=None, segment_chunks=None):
     """Chunked AHLA forward. Returns (o [B,T,H,dv], AHLAState or None). See chunk_hla2."""
-    return _run("chunk", q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-                cu_seqlens, check_finite, block_v, num_warps, num_stages, segment_chunks)
+    return run_chain(CHAIN, AHLAState, "chunk", q, k, v, gamma, normalize, eps, chunk_size, initial_state,
+                     output_final_state, cu_seqlens, check_finite, block_v, num_warps, num_stages,
+                     segment_chunks)
 
 
 def fused_recurrent_ahla(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64,
@@ -48,5 +38,6 @@ def fused_recurrent_ahla(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chun
                          check_finite=True, block_v=None, num_warps=None, num_stages=None):
     """Token-by-token AHLA forward (same contract as chunk_ahla; chunk_size is only checked):
     the same chain with the recurrent LA kernel, element-wise fp32 (fp64) arithmetic."""
-    return _run("recurrent", q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-                cu_seqlens, check_finite, block_v, num_warps, num_stages)
+    return run_chain(CHAIN, AHLAState, "recurrent", q, k, v, gamma, normalize, eps, chunk_size,
+                     initial_state, output_final_state, cu_seqlens, check_finite, block_v, num_warps,
+                     num_stages)

@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _decay, buf_dtype, operand_format
+from typing import NamedTuple, Optional
+
+from ._common import _decay, buf_dtype, carry_in_out, operand_format, prepare
 
 
 @triton.jit
@@ -366,3 +368,51 @@ class Chain:
             q, k, v, o, log2g_ptr=log2g, pow_ptr=table, dx=dx, dx1=dx1, T=T, H=H, D=d, DV=dv, SEG=SEG,
             NSUM=nseg - 1, **args, **flags, **consts, **launch)
         return o, (o1 if side_out else None)
+
+
+class Stage(NamedTuple):
+    """One LA of an operator's chain: carry X_t = g^power X_{t-1} + a_t b_t^T.
+
+    state: the carry's field in the operator's state type.
+    key:   a_t = "k" (the token's key) or the name of an earlier stage S: S_t^T q_t, its
+           output (S must be symmetric, i.e. key = value = "k", so this is also S_t q_t).
+    value: b_t = "k", "v", or the name of an earlier stage S: S_t^T q_t.
+    side:  the carry of the same stage with v -> 1 (normalize), when the value involves v.
+    The operator's derived streaming update must equal this chain; property_tests/
+    test_kernel_chains.py checks it symbolically against the derivation engine.
+    """
+    state: str
+    key: str
+    value: str
+    power: int
+    side: Optional[str] = None
+
+
+def run_chain(chain, state_cls, mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state,
+              output_final_state, cu_seqlens, check_finite, block_v=None, num_warps=None,
+              num_stages=None, segment_chunks=None):
+    """Validate the inputs and run `chain` (a tuple of Stage) in `mode`; the last stage is
+    the operator's output. Returns (o [B, T, H, dv], state_cls or None)."""
+    p = prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite)
+    N, H, d, dv = p["N"], p["H"], p["d"], p["dv"]
+    width = {"k": d, "v": dv}
+    shapes = {}
+    for s in chain:
+        width[s.state] = width[s.value]
+        shapes[s.state] = (N, H, d, width[s.value])
+        if s.side is not None:
+            shapes[s.side] = (N, H, d, 1)
+    st, fin = carry_in_out(state_cls, shapes, initial_state, output_final_state, normalize, q.device, p["sdt"])
+    f = fin._asdict() if fin is not None else dict.fromkeys(state_cls._fields)
+    la = Chain(p, mode, block_v, num_warps, num_stages, segment_chunks)
+    out = {"k": (p["k"], None), "v": (p["v"], "ones")}  # stage input -> (tensor, its v -> 1 side value)
+    for i, s in enumerate(chain):
+        last = i == len(chain) - 1
+        val, side = out[s.value]
+        use_side = bool(normalize) and s.side is not None
+        o, o1 = la(p["q"], out[s.key][0], val, s.power, last=last, side=side if use_side else None,
+                   side_out=use_side and not last, divide=use_side and last, eps=eps,
+                   init=(st[s.state], st[s.side] if use_side else None),
+                   final=(f[s.state], f[s.side] if use_side else None))
+        out[s.state] = (o, o1)
+    return o, fin

@@ -16,22 +16,13 @@ The recurrent forms run the same chains with the token-by-token LA kernel.
 """
 from __future__ import annotations
 
-from ._common import HLA2State, carry_in_out, prepare
-from .gla import Chain
+from ._common import HLA2State
+from .gla import Stage, run_chain
 
-
-def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-         cu_seqlens, check_finite, block_v, num_warps, num_stages, segment_chunks=None):
-    p = prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite)
-    N, H, d, dv = p["N"], p["H"], p["d"], p["dv"]
-    st, fin = carry_in_out(HLA2State, {"KK": (N, H, d, d), "KK_QV": (N, H, d, dv), "KK_Q1": (N, H, d, 1)},
-                           initial_state, output_final_state, normalize, q.device, p["sdt"])
-    f = fin._asdict() if fin is not None else dict.fromkeys(HLA2State._fields)
-    la = Chain(p, mode, block_v, num_warps, num_stages, segment_chunks)
-    kt, _ = la(p["q"], p["k"], p["k"], 1, init=(st["KK"], None), final=(f["KK"], None))
-    o, _ = la(p["q"], kt, p["v"], 2, last=True, side="ones" if normalize else None, divide=normalize,
-              eps=eps, init=(st["KK_QV"], st["KK_Q1"]), final=(f["KK_QV"], f["KK_Q1"]))
-    return o, fin
+# the derived streaming update as LA stages (kernels/gla.py: Stage); checked against the
+# derivation engine by property_tests/test_kernel_chains.py
+CHAIN = (Stage("KK", key="k", value="k", power=1),
+         Stage("KK_QV", key="KK", value="v", power=2, side="KK_Q1"))
 
 
 def chunk_hla2(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
@@ -44,8 +35,9 @@ def chunk_hla2(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64,
     num_warps, num_stages are launch knobs of the LA launches (kernels/gla.py);
     segment_chunks cuts the sequences into parallel segments (None: automatic).
     """
-    return _run("chunk", q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-                cu_seqlens, check_finite, block_v, num_warps, num_stages, segment_chunks)
+    return run_chain(CHAIN, HLA2State, "chunk", q, k, v, gamma, normalize, eps, chunk_size, initial_state,
+                     output_final_state, cu_seqlens, check_finite, block_v, num_warps, num_stages,
+                     segment_chunks)
 
 
 def fused_recurrent_hla2(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64,
@@ -53,5 +45,6 @@ def fused_recurrent_hla2(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chun
                          check_finite=True, block_v=None, num_warps=None, num_stages=None):
     """Token-by-token HLA2 forward (same contract as chunk_hla2; chunk_size is only checked):
     the same chain with the recurrent LA kernel, element-wise fp32 (fp64) arithmetic."""
-    return _run("recurrent", q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-                cu_seqlens, check_finite, block_v, num_warps, num_stages)
+    return run_chain(CHAIN, HLA2State, "recurrent", q, k, v, gamma, normalize, eps, chunk_size,
+                     initial_state, output_final_state, cu_seqlens, check_finite, block_v, num_warps,
+                     num_stages)

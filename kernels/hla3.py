@@ -18,25 +18,14 @@ The recurrent forms run the same chains with the token-by-token LA kernel.
 """
 from __future__ import annotations
 
-from ._common import HLA3State, carry_in_out, prepare
-from .gla import Chain
+from ._common import HLA3State
+from .gla import Stage, run_chain
 
-
-def _run(mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-         cu_seqlens, check_finite, block_v, num_warps, num_stages, segment_chunks=None):
-    p = prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite)
-    N, H, d, dv = p["N"], p["H"], p["d"], p["dv"]
-    st, fin = carry_in_out(HLA3State, {"KK": (N, H, d, d), "KV": (N, H, d, dv), "KK_QQ_KV": (N, H, d, dv),
-                                         "K1": (N, H, d, 1), "KK_QQ_K1": (N, H, d, 1)},
-                           initial_state, output_final_state, normalize, q.device, p["sdt"])
-    f = fin._asdict() if fin is not None else dict.fromkeys(HLA3State._fields)
-    la = Chain(p, mode, block_v, num_warps, num_stages, segment_chunks)
-    kt, _ = la(p["q"], p["k"], p["k"], 1, init=(st["KK"], None), final=(f["KK"], None))
-    vt, vt1 = la(p["q"], p["k"], p["v"], 1, side="ones" if normalize else None, side_out=normalize,
-                 init=(st["KV"], st["K1"]), final=(f["KV"], f["K1"]))
-    o, _ = la(p["q"], kt, vt, 3, last=True, side=vt1, divide=normalize, eps=eps,
-              init=(st["KK_QQ_KV"], st["KK_QQ_K1"]), final=(f["KK_QQ_KV"], f["KK_QQ_K1"]))
-    return o, fin
+# the derived streaming update as LA stages (kernels/gla.py: Stage); checked against the
+# derivation engine by property_tests/test_kernel_chains.py
+CHAIN = (Stage("KK", key="k", value="k", power=1),
+         Stage("KV", key="k", value="v", power=1, side="K1"),
+         Stage("KK_QQ_KV", key="KK", value="KV", power=3, side="KK_QQ_K1"))
 
 
 def chunk_hla3(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
@@ -48,8 +37,9 @@ def chunk_hla3(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64,
     initial_state an HLA3State (also one from fused_recurrent_hla3 or built from
     hla_core.evaluate("hla3", ..., return_state=True)); cu_seqlens packs sequences (B = 1).
     """
-    return _run("chunk", q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-                cu_seqlens, check_finite, block_v, num_warps, num_stages, segment_chunks)
+    return run_chain(CHAIN, HLA3State, "chunk", q, k, v, gamma, normalize, eps, chunk_size, initial_state,
+                     output_final_state, cu_seqlens, check_finite, block_v, num_warps, num_stages,
+                     segment_chunks)
 
 
 def fused_recurrent_hla3(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64,
@@ -57,5 +47,6 @@ def fused_recurrent_hla3(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chun
                          check_finite=True, block_v=None, num_warps=None, num_stages=None):
     """Token-by-token HLA3 forward (same contract as chunk_hla3; chunk_size is only checked):
     the same chain with the recurrent LA kernel, element-wise fp32 (fp64) arithmetic."""
-    return _run("recurrent", q, k, v, gamma, normalize, eps, chunk_size, initial_state, output_final_state,
-                cu_seqlens, check_finite, block_v, num_warps, num_stages)
+    return run_chain(CHAIN, HLA3State, "recurrent", q, k, v, gamma, normalize, eps, chunk_size,
+                     initial_state, output_final_state, cu_seqlens, check_finite, block_v, num_warps,
+                     num_stages)
