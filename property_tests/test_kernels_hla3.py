@@ -140,12 +140,19 @@ def test_low_precision_within_error_model(mode, dtype, data):
     check_against_reference(p, o, nq)
 
 
-def test_bf16_regression_hla3():
-    """The bf16 case that came out wrong on an H200 (triton 3.6) while its value tile was
-    32 wide (docs/benchmarks.md): inside the bound and bit-identical over repeated runs."""
-    p = dict(op=OP, B=1, T=21, H=3, d=46, dv=20, C=64, lens=[4, 17], gamma=0.23475447186817053,
-             per_head=False, normalize=False, dtype="bfloat16", init=False, seed=65375003, scale=(0, 0),
-             seg=None)
+@pytest.mark.parametrize("shape", [
+    # the bf16 case that came out wrong on an H200 (triton 3.6) while its value tile was
+    # 32 wide (docs/benchmarks.md); then the benchmark's head size (GPU only: interpreter time)
+    dict(B=1, T=21, H=3, d=46, dv=20, lens=[4, 17], gamma=0.23475447186817053, seed=65375003),
+    dict(B=1, T=300, H=2, d=128, dv=128, lens=None, gamma=0.99, seed=300128, gpu_only=True),
+], ids=["d46dv20varlen", "d128dv128"])
+def test_bf16_regression_hla3(shape):
+    """bf16 chunk kernel inside the bound and bit-identical over repeated runs."""
+    shape = dict(shape)
+    if shape.pop("gpu_only", False) and not ON_GPU:
+        pytest.skip("large shape: GPU only")
+    p = dict(op=OP, C=64, per_head=False, normalize=False, dtype="bfloat16", init=False, scale=(0, 0),
+             seg=None, **shape)
     tq, nq = base.make_inputs(p)
     outs = [run_kernel(p, "chunk", tq, output_final_state=False)[0] for _ in range(3)]
     for o in outs[1:]:
