@@ -1,9 +1,9 @@
 """Shared plumbing for the HLA Triton kernels: input checks, state types, launch choices.
 
-Everything here runs on the host, except the decay helper `_decay`. The chunk kernel
-(first-order linear attention, chained per operator) lives in `gla.py`; the operators'
-recurrent kernels and chains in `hla2.py`, `ahla.py`, `hla3.py`. The conventions follow flash-linear-attention:
-q, k [B, T, H, d], v [B, T, H, dv], o [B, T, H, dv]; with `cu_seqlens`
+Everything here runs on the host, except the decay helper `_decay`. The kernels
+(first-order linear attention, chunked and recurrent) and the chain runner live in
+`gla.py`; each operator's chain in `hla2.py`, `ahla.py`, `hla3.py`. The conventions follow
+flash-linear-attention: q, k [B, T, H, d], v [B, T, H, dv], o [B, T, H, dv]; with `cu_seqlens`
 (varlen) B must be 1 and the packed sequences are cu_seqlens[n]:cu_seqlens[n+1].
 """
 from __future__ import annotations
@@ -125,7 +125,7 @@ def check_qkv(q, k, v):
     return B, T, H, d, dv
 
 
-def check_gamma(gamma, H: int, device, dtype: torch.dtype) -> torch.Tensor:
+def check_gamma(gamma, H: int) -> torch.Tensor:
     """Return gamma as a float64 tensor [H] after checking 0 < gamma <= 1."""
     if gamma is None:
         g = torch.ones(H, dtype=torch.float64)
@@ -222,17 +222,14 @@ def carry_in_out(cls, shapes: dict, initial_state, output_final_state, normalize
 
 def prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite):
     B, T, H, d, dv = check_qkv(q, k, v)
-    g = check_gamma(gamma, H, q.device, q.dtype)
+    g = check_gamma(gamma, H)
     check_eps(eps)
     check_chunk_size(chunk_size)
     N, cu, lens = check_cu_seqlens(cu_seqlens, B, T, q.device)
     if check_finite:
         for name, x in (("q", q), ("k", k), ("v", v)):
             _finite(name, x)
-    sdt = state_dtype(q.dtype)
-    gam = g.to(device=q.device, dtype=sdt)
-    log2g = torch.log2(g).to(device=q.device, dtype=sdt)  # log2 in float64, then rounded
-    return dict(B=B, T=T, H=H, d=d, dv=dv, N=N, cu=cu, lens=lens, sdt=sdt, gam=gam, log2g=log2g,
+    return dict(B=B, T=T, H=H, d=d, dv=dv, N=N, cu=cu, lens=lens, sdt=state_dtype(q.dtype),
                 g64=g, C=chunk_size, q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
 
 

@@ -302,6 +302,25 @@ class Chain:
         self.mid_dtype = buf_dtype(self.fmt[0]) if mode == "chunk" else p["sdt"]
         self.knobs = dict(block_v=block_v, num_warps=num_warps, num_stages=num_stages)
         self.segment_chunks = segment_chunks
+        self._decays = {}
+
+    def decay(self, power: int):
+        """Per-head decay arguments for g = gamma^power, formed once per power: recurrent
+        mode g itself; chunk mode (log2 g, table of g^n for n = 0..C, read only by float64
+        kernels). All computed in float64 from the checked gamma, then rounded."""
+        if power not in self._decays:
+            p, dev, sdt = self.p, self.p["q"].device, self.p["sdt"]
+            g64 = p["g64"]
+            if self.mode == "recurrent":
+                self._decays[power] = (g64 ** power).to(device=dev, dtype=sdt)
+            else:
+                log2g = (torch.log2(g64) * power).to(device=dev, dtype=sdt)
+                table = log2g
+                if sdt == torch.float64:
+                    n = torch.arange(p["C"] + 1, dtype=torch.float64)
+                    table = (g64[:, None] ** (power * n)[None, :]).to(device=dev, dtype=sdt).contiguous()
+                self._decays[power] = (log2g, table)
+        return self._decays[power]
 
     def __call__(self, q, k, v, power: int, *, last=False, side=None, divide=False, side_out=False,
                  eps=1e-6, init=(None, None), final=(None, None)):
@@ -323,19 +342,18 @@ class Chain:
         args = dict(v1=side.contiguous() if SIDE == 2 else dummy, o1=o1,
                     x0=init[0] if init[0] is not None else dummy, x1_0=init[1] if init[1] is not None else dummy,
                     xf=final[0] if final[0] is not None else dummy, x1f=final[1] if final[1] is not None else dummy,
-                    cu=p["cu"] if p["cu"] is not None else dummy, eps=torch.full((1,), float(eps), dtype=sdt, device=dev))
+                    cu=p["cu"] if p["cu"] is not None else dummy,
+                    eps=torch.full((1,), float(eps), dtype=sdt, device=dev) if divide else dummy)
         flags = dict(SIDE=SIDE, DIVIDE=bool(divide), STORE_O1=bool(side_out), HAS_INIT=init[0] is not None,
                      STORE_FINAL=final[0] is not None, VARLEN=p["cu"] is not None,
                      ACC=tl.float64 if sdt == torch.float64 else tl.float32)
-        g64 = p["g64"]
         if self.mode == "recurrent":
             BK = max(16, triton.next_power_of_2(d))
             BV = max(16, min(self.knobs["block_v"] or 64, triton.next_power_of_2(dv)))
             launch = {key: val for key, val in (("num_warps", self.knobs["num_warps"]),
                                                 ("num_stages", self.knobs["num_stages"])) if val is not None}
-            gp = (g64 ** power).to(device=dev, dtype=sdt)  # in float64, then rounded
             _la_recurrent_kernel[(triton.cdiv(dv, BV), N * H)](
-                q, k, v, o, g_ptr=gp, T=T, H=H, D=d, DV=dv, BK=BK, BV=BV, **args, **flags, **launch)
+                q, k, v, o, g_ptr=self.decay(power), T=T, H=H, D=d, DV=dv, BK=BK, BV=BV, **args, **flags, **launch)
             return o, (o1 if side_out else None)
         C = p["C"]
         DOT, PREC = self.fmt
@@ -349,12 +367,8 @@ class Chain:
             raise ValueError(f"segment_chunks must be a positive int or None, got {seg!r}")
         SEG = C * min(seg, n_chunks)
         nseg = triton.cdiv(max(p["lens"]), SEG)
-        log2g = (torch.log2(g64) * power).to(device=dev, dtype=sdt)  # in float64, then rounded
+        log2g, table = self.decay(power)
         TABLE = sdt == torch.float64
-        table = log2g  # never read unless TABLE
-        if TABLE:
-            n = torch.arange(C + 1, dtype=torch.float64)
-            table = (g64[:, None] ** (power * n)[None, :]).to(device=dev, dtype=sdt).contiguous()
         ns = d == 1 or dv == 1
         dx = dx1 = dummy
         consts = dict(BK=BK, BV=BV, C=C, DOT=DOT, PREC=PREC, TABLE=TABLE)

@@ -183,7 +183,8 @@ def mpmath_study(out, ops=("hla2", "ahla", "hla3")):
 def tables(gpu_json, mpmath_json):
     """Markdown tables of docs/numerics.md from the two studies' raw rows."""
     f = lambda x: "-" if x is None else f"{x:.3g}" if abs(x) >= 0.01 else f"{x:.2e}"  # noqa: E731
-    rows = json.load(open(gpu_json))["rows"]
+    with open(gpu_json) as fh:
+        rows = json.load(fh)["rows"]
     print("| op | γ | dtype | T | chunk rel. err | recurrent rel. err | max \\|err\\|/\\|op\\| "
           "| paper form (fp32) rel. err | max \\|state\\| |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -193,7 +194,9 @@ def tables(gpu_json, mpmath_json):
               f"{f(r['state_max'])} |")
     print("\n| op | γ | T | chunk float64 vs mpmath | recurrent float64 vs mpmath |")
     print("|---|---|---|---|---|")
-    for r in json.load(open(mpmath_json)):
+    with open(mpmath_json) as fh:
+        mp_rows = json.load(fh)
+    for r in mp_rows:
         print(f"| {r['op']} | {r['gamma']} | {r['T']} | {f(r['chunk_f64_rel'])} | {f(r['fused_recurrent_f64_rel'])} |")
 
 

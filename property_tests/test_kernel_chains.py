@@ -56,9 +56,8 @@ def matches(updates: dict, derived: dict) -> bool:
     sides by its own update (both sides then read carries at t-1 and token factors)."""
     if set(updates) != set(derived):
         return False
-    subs = {k: v for k, v in derived.items()}
     for k, rhs in updates.items():
-        if sympy.expand(rhs.xreplace(subs) - derived[k]) != 0:
+        if sympy.expand(rhs.xreplace(derived) - derived[k]) != 0:
             return False
     return True
 
