@@ -25,10 +25,10 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from .algebra import (NumericAlgebra, Segment, associativity, base_segment, combine_segments, evaluate)
-from .definitions import _pattern_psums, brute_numeric, rational_inputs
+from .definitions import brute_numeric, rational_inputs
 from .pattern import Pattern
 from .summaries import GAMMA, Ext, Ref, Term, Tok
-from .weights import (Context, Fresh, PSum, PSumAlgebra, bound_le, coef_to_lin, compare, lin_add,
+from .weights import (Context, Fresh, PSum, PSumAlgebra, bound_le, coef_to_lin, compare, lin_add, pattern_psums,
                       psum_mul)
 
 RHO_A = sympy.Symbol("rho_A", positive=True)
@@ -206,7 +206,7 @@ def prove_system_equals_pattern(system: System, pattern: Pattern, decay: bool) -
         if expr is None:
             continue
         lhs = system_psums(system, expr, decay)
-        rhs = _pattern_psums(pat if decay else pat.without_decay(), Fresh("r"))
+        rhs = pattern_psums(pat if decay else pat.without_decay(), Fresh("r"))
         out[part] = compare(lhs, rhs, PREFIX, decay)
     return out
 

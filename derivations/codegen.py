@@ -12,6 +12,8 @@ import hashlib
 import types
 
 import sympy
+from sympy.printing.precedence import precedence
+from sympy.printing.str import StrPrinter
 
 from .summaries import END, Ext, Ref, Summary, Term, Tok, refs_in
 
@@ -29,12 +31,28 @@ class CodegenError(NotImplementedError):
     pass
 
 
+class _CoefPrinter(StrPrinter):
+    """γ and ρ_B as the generated code's `g` and `rB`; a fractional power as
+    `R.frac_pow(x, p, q)`, which the runtime evaluates in the backend's precision
+    (plain `x**(1/3)` would round the exponent to float64 under mpmath)."""
+
+    def _print_Symbol(self, s):
+        return {"gamma": "g", "rho_B": "rB"}.get(s.name, s.name)
+
+    def _print_Pow(self, e, rational=False):
+        exp = e.exp
+        if exp.is_Rational and not exp.is_Integer:
+            return f"R.frac_pow({self._print(e.base)}, {exp.p}, {exp.q})"
+        if exp.is_Integer and exp > 0:
+            return f"{self.parenthesize(e.base, precedence(e), strict=False)}**{exp}"
+        raise CodegenError(f"coefficient power {e} is not a positive rational power")
+
+
 def _coef(c) -> str:
     c = sympy.sympify(c)
     if c == 1:
         return ""
-    s = str(c).replace("rho_B", "rB").replace("gamma", "g")
-    return f"({s}) * "
+    return f"({_CoefPrinter().doprint(c)}) * "
 
 
 def _emit_seq(seq, env: dict, edges=None) -> tuple[str, int]:

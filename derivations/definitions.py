@@ -19,7 +19,7 @@ from fractions import Fraction
 import numpy as np
 
 from .pattern import Pattern, PatternError
-from .weights import Context, Fresh, PSum, bound_le, compare
+from .weights import Context, Fresh, PSum, bound_le, compare, pattern_psums
 
 
 class Matrix:
@@ -82,7 +82,7 @@ class Matrix:
         return ev(self.tree.left) @ v
 
     def psums(self, fresh) -> list[PSum]:
-        return _pattern_psums(self.pattern(), fresh)
+        return pattern_psums(self.pattern(), fresh)
 
     @property
     def has_decay(self) -> bool:
@@ -131,22 +131,6 @@ class Moments:
         return np.array(out)
 
 
-def _pattern_psums(p: Pattern, fresh) -> list[PSum]:
-    ren = {x: fresh() for x in p.indices}
-    ren["t"] = "p1"
-    cons = [bound_le((ren[c.a], 0), (ren[c.b], 0), c.op == "<") for c in p.constraints if c.op != "=="]
-    cons += [(ren[c.a], "==", ren[c.b]) for c in p.constraints if c.op == "=="]
-    for x in p.indices:
-        cons += [bound_le(("p0", 0), (ren[x], 0), True), bound_le((ren[x], 0), ("p1", 0))]
-    lin = {}
-    for x, c in p.decay_coeffs:
-        if c:
-            lin[ren[x]] = lin.get(ren[x], 0) - c
-            lin["p1"] = lin.get("p1", 0) + c
-    word = tuple(("f", s.factor, ren[s.var]) for s in p.slots)
-    return [PSum(Fraction(1), word, tuple(cons), tuple(sorted((k, Fraction(v)) for k, v in lin.items() if v)))]
-
-
 def brute_numeric(p: Pattern, q, k, v, gamma) -> np.ndarray:
     """o_t straight from the pattern's definition (exact for Fraction inputs)."""
     T = q.shape[0]
@@ -181,7 +165,7 @@ def prove_expansion(d) -> list:
             t0 = time.perf_counter()
             fresh = Fresh()
             ctx = Context(["p0", "p1"], set(), {"P": 1})
-            lhs = _pattern_psums(pat, fresh)
+            lhs = pattern_psums(pat, fresh)
             if part == "denominator":
                 rhs = [PSum(s.coef, s.word[:-1] + ((s.word[-1][0], s.word[-1][1][0] + "1", s.word[-1][2]),),
                             s.cons, s.lin) for s in defn.psums(fresh)]

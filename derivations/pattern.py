@@ -10,12 +10,13 @@ Replacing `v_c` by the scalar 1 gives the normalizing denominator (factor 'q1').
 """
 from __future__ import annotations
 
+import ast
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-import sympy
 
 VECTORS = ("q", "k", "v")
 _VEC = re.compile(r"^\s*([qkv])_([A-Za-z][A-Za-z0-9]*)\s*$")
@@ -106,33 +107,89 @@ def parse_where(where: str, indices: set[str]) -> list[Constraint]:
     return out
 
 
+MAX_DOTS = 12              # the chain search below is exponential in the worst case
+MAX_DECAY_TERM = 10 ** 6   # generated code raises γ to c·n: keep c a modest rational
+_DECAY_HELP = ("a combination of differences (t − x) with rational coefficients, e.g. "
+               "'(t-i) + 2*(t-j)' or '(t-i)/2'")
+
+
+def _linear_form(node, names: set[str], decay: str) -> dict[str, Fraction]:
+    """Evaluate a parsed decay expression to {name or '1': coefficient}.
+
+    Walks the syntax tree of `ast.parse` (which only parses, never runs anything) and
+    accepts numbers, index names, + − * / and parentheses; anything else is refused."""
+    def fail(why):
+        raise PatternError(f"decay: {why} in {decay!r}; expected {_DECAY_HELP}")
+
+    if isinstance(node, ast.Expression):
+        return _linear_form(node.body, names, decay)
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+            fail(f"{node.value!r} is not a number")
+        if isinstance(node.value, float) and not math.isfinite(node.value):
+            fail(f"the number {node.value!r} is not finite")
+        return {"1": Fraction(str(node.value)) if isinstance(node.value, float) else Fraction(node.value)}
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise PatternError(f"decay: unknown index {[node.id]} in {decay!r}; "
+                               f"the indices are {sorted(names - {'t'})} and t")
+        return {node.id: Fraction(1)}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        inner = _linear_form(node.operand, names, decay)
+        return inner if isinstance(node.op, ast.UAdd) else {x: -c for x, c in inner.items()}
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        a = _linear_form(node.left, names, decay)
+        b = _linear_form(node.right, names, decay)
+        if isinstance(node.op, (ast.Add, ast.Sub)):
+            s = 1 if isinstance(node.op, ast.Add) else -1
+            out = dict(a)
+            for x, c in b.items():
+                out[x] = out.get(x, Fraction(0)) + s * c
+            return out
+        const_b = set(b) <= {"1"}
+        if isinstance(node.op, ast.Div):
+            if not const_b:
+                fail("division by an index is not linear")
+            if b.get("1", 0) == 0:
+                fail("division by zero")
+            return {x: c / b["1"] for x, c in a.items()}
+        if const_b:
+            return {x: c * b.get("1", Fraction(0)) for x, c in a.items()}
+        if set(a) <= {"1"}:
+            return {x: c * a.get("1", Fraction(0)) for x, c in b.items()}
+        fail("a product of two indices is not linear")
+    fail(f"{type(node).__name__.lower()} syntax is not allowed (only numbers, index names, "
+         "+ − * / and parentheses)")
+
+
 def parse_decay(decay: str, indices: list[str]) -> dict[str, Fraction]:
     """Exponent of γ, linear in the indices and depending only on differences.
 
-    Returned as coefficients c_x with exponent = Σ c_x (t − x)."""
+    Returned as coefficients c_x with exponent = Σ c_x (t − x). The string is parsed,
+    never evaluated: a decay cannot run code."""
     if decay is None or not str(decay).strip():
         return {x: Fraction(0) for x in indices}
-    syms = {n: sympy.Symbol(n) for n in indices + ["t"]}
+    if len(decay) > 1000:
+        raise PatternError(f"decay: {len(decay)} characters is too long for a decay exponent")
     try:
-        expr = sympy.sympify(decay, locals=syms, rational=True)
-    except (sympy.SympifyError, SyntaxError, TypeError) as exc:
-        raise PatternError(f"decay: cannot parse {decay!r}: {exc}") from None
-    extra = {str(s) for s in expr.free_symbols} - set(syms)
-    if extra:
-        raise PatternError(f"decay: unknown index {sorted(extra)} in {decay!r}")
+        tree = ast.parse(decay.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        raise PatternError(f"decay: cannot parse {decay!r} ({type(exc).__name__}); "
+                           f"expected {_DECAY_HELP}") from None
     try:
-        poly = sympy.Poly(expr, *syms.values())
-    except sympy.PolynomialError:
-        raise PatternError(f"decay: must be linear in the indices, got {decay!r}") from None
-    if poly.total_degree() > 1:
-        raise PatternError(f"decay: must be linear in the indices, got {decay!r}")
-    coeff = {n: Fraction(str(poly.coeff_monomial(s))) for n, s in syms.items()}
-    const = Fraction(str(poly.coeff_monomial(1)))
+        form = _linear_form(tree, set(indices) | {"t"}, decay)
+    except RecursionError:
+        raise PatternError(f"decay: {decay!r} is nested too deeply") from None
+    coeff = {n: form.get(n, Fraction(0)) for n in indices + ["t"]}
+    const = form.get("1", Fraction(0))
     if const != 0 or sum(coeff.values()) != 0:
         raise PatternError(
             f"decay: must be a combination of differences (t − x), e.g. '(t-i)+(t-j)'; got {decay!r}")
     out = {x: -coeff[x] for x in indices}
     for x, c in out.items():
+        if abs(c.numerator) > MAX_DECAY_TERM or c.denominator > MAX_DECAY_TERM:
+            raise PatternError(f"decay: the coefficient {c} of (t − {x}) in {decay!r} is out of range "
+                               f"(numerators and denominators up to {MAX_DECAY_TERM} are supported)")
         if c < 0:
             raise PatternError(f"decay: index {x} has a negative weight in {decay!r}; "
                                "every γ exponent must be ≥ 0")
@@ -164,6 +221,8 @@ class Pattern:
         for s in slots:
             if s.var not in indices:
                 indices.append(s.var)
+        if "and" in indices:   # `where` clauses are joined by the word `and`
+            raise PatternError("expr: 'and' cannot name an index (it joins `where` clauses)")
         cons = parse_where(self.where or "", set(indices))
         # Every operator here is causal: each index is at most t, stated or not.
         cons += [Constraint(x, "<=", "t") for x in indices
@@ -248,26 +307,33 @@ def _parse_chain(expr: str) -> tuple[str, list[Slot]]:
     if len(t_occ) != 1:
         raise PatternError(f"expr: the output index t must occur exactly once (in the first dot of "
                            f"the chain); it occurs {len(t_occ)} times in {expr!r}")
-    used = [False] * len(dots)
+    if len(dots) > MAX_DOTS:
+        raise PatternError(f"expr: {len(dots)} dot factors; at most {MAX_DOTS} are supported")
     n, side = t_occ[0]
     t_vec = dots[n][side][0]
-    slots: list[Slot] = []
-    cur_dot, cur_side = n, 1 - side
-    while True:
-        used[cur_dot] = True
-        in_vec, idx = dots[cur_dot][cur_side]
-        nxt = next(((m, s) for m, d in enumerate(dots) if not used[m]
-                    for s in (0, 1) if d[s][1] == idx), None)
-        if nxt is not None:
-            m, s = nxt
-            slots.append(Slot(in_vec, dots[m][s][0], idx))
-            cur_dot, cur_side = m, 1 - s
-            continue
-        if value[1] != idx:
-            raise PatternError(f"expr: the chain from t stops at index {idx!r}, which has no further "
-                               f"dot and is not the value index {value[1]!r}")
-        slots.append(Slot(in_vec, value[0], idx))
-        break
-    if not all(used):
-        raise PatternError(f"expr: the dots do not form one chain from t to v_{value[1]} in {expr!r}")
+    # The scalar is a product: the chain may take the dots in any order. A visit to an
+    # index can leave by any unused dot at that index, so search (depth first) for an
+    # order that uses every dot once and ends at the value row; all such orders give
+    # the same product.
+    slots = _walk(dots, value, n, 1 - side, frozenset([n]))
+    if slots is None:
+        raise PatternError(f"expr: the dots do not form one chain from t to v_{value[1]} in {expr!r} "
+                           "(each index must be entered and left by its dots, and the chain must end "
+                           f"at the value index {value[1]!r})")
     return t_vec, slots
+
+
+def _walk(dots, value, cur_dot: int, cur_side: int, used: frozenset):
+    in_vec, idx = dots[cur_dot][cur_side]
+    if len(used) == len(dots):
+        return [Slot(in_vec, value[0], idx)] if value[1] == idx else None
+    for m, d in enumerate(dots):
+        if m in used:
+            continue
+        for s in (0, 1):
+            if d[s][1] != idx:
+                continue
+            rest = _walk(dots, value, m, 1 - s, used | {m})
+            if rest is not None:
+                return [Slot(in_vec, d[s][0], idx)] + rest
+    return None

@@ -2,6 +2,8 @@
 
 For every pattern (numerator and denominator, with and without decay):
 
+- translation: the Pattern's own sum equals the top summary the synthesis starts
+  from, by order types (weights.py) — every T, d, dv;
 - readout + streaming identity: the readout and each one-token update equal
   the defining pattern sums, by order types (weights.py) — every T, d, dv;
 - ⊕ correctness: each combine formula equals the summary of the concatenated
@@ -26,7 +28,7 @@ from .algebra import (SympyAlgebra, associativity, base_segment, combine_segment
                       nc_symbol, token_segment)
 from .engine import Certificate, Derivation, Synthesis
 from .summaries import END, GAMMA, Summary, Term
-from .weights import Context, Fresh, compare, formula_psums, summary_psums
+from .weights import Context, Fresh, compare, formula_psums, pattern_psums, summary_psums
 
 P_STREAM = Context(["p0", "p1", "p2"], {"p2"}, {"A": 1, "T": 2})
 P_SPLIT = Context(["p0", "p1", "p2"], set(), {"A": 1, "B": 2})
@@ -60,6 +62,17 @@ def _weights_cert(identity, checks, part, decay):
     return Certificate(identity, "order types (weights on index tuples)", not bad,
                        {"checked": [name for name, _ in checks], "order_types": total,
                         "failures": [f"{n}: {m}" for n, m in bad]}, part, decay)
+
+
+def prove_translation(syn: Synthesis, part: str, decay: bool) -> Certificate:
+    """The summary every other proof starts from is the user's Pattern: the Pattern's
+    sum, read straight from its slots, constraints and decay, equals the top summary
+    on the prefix, by order types (every T)."""
+    fr = Fresh()
+    lhs = pattern_psums(syn.pattern, fr)
+    rhs = summary_psums(syn.top, ("p0", 0), ("p1", 0), [], fr)
+    return _weights_cert("translation (the Pattern's sum = the top summary)",
+                         [("pattern → top summary", compare(lhs, rhs, P_PREFIX, decay))], part, decay)
 
 
 def prove_streaming(syn: Synthesis, part: str, decay: bool) -> Certificate:
@@ -237,6 +250,7 @@ def prove_exact(syn: Synthesis, part: str, decay: bool, T_max: int) -> Certifica
 
 def prove_synthesis(syn: Synthesis, part: str, decay: bool, exact_T: int) -> list[Certificate]:
     return [
+        _timed(lambda: prove_translation(syn, part, decay)),
         _timed(lambda: prove_streaming(syn, part, decay)),
         _timed(lambda: prove_combine(syn, part, decay)),
         _timed(lambda: prove_associativity(syn, part, decay)),

@@ -174,9 +174,14 @@ def make_summary(slots: list, pairs: list[tuple[str, str, str]],
 
 
 def pattern_summary(p: Pattern) -> Summary:
-    slots = [("f", s.factor, s.var) for s in p.slots]
-    pairs = [(END if c.a == "t" else c.a, c.op, END if c.b == "t" else c.b) for c in p.constraints]
-    s = make_summary(slots, pairs, dict(p.decay_coeffs))
+    """The whole pattern as a summary of the prefix 1..t (t is the segment end)."""
+    # A user's index may be called anything, `end` included: give every index a name
+    # that cannot meet the internal ones before t becomes END.
+    ren = {x: f"#{x}" for x in p.indices}
+    ren["t"] = END
+    slots = [("f", s.factor, ren[s.var]) for s in p.slots]
+    pairs = [(ren[c.a], c.op, ren[c.b]) for c in p.constraints]
+    s = make_summary(slots, pairs, {ren[x]: c for x, c in p.decay_coeffs})
     if s is None:
         raise OutOfReach(f"where: the constraints {p.where!r} can never hold; the operator is zero")
     return s

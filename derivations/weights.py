@@ -98,6 +98,24 @@ def summary_psums(s: Summary, lo: tuple, hi: tuple, fillers: list, fresh: Fresh)
     return out
 
 
+def pattern_psums(p, fresh) -> list[PSum]:
+    """The Pattern's own sum over the prefix (p0, p1], t = p1, read straight from its
+    slots, constraints and decay (no summary in between)."""
+    ren = {x: fresh() for x in p.indices}
+    ren["t"] = "p1"
+    cons = [bound_le((ren[c.a], 0), (ren[c.b], 0), c.op == "<") for c in p.constraints if c.op != "=="]
+    cons += [(ren[c.a], "==", ren[c.b]) for c in p.constraints if c.op == "=="]
+    for x in p.indices:
+        cons += [bound_le(("p0", 0), (ren[x], 0), True), bound_le((ren[x], 0), ("p1", 0))]
+    lin = {}
+    for x, c in p.decay_coeffs:
+        if c:
+            lin[ren[x]] = lin.get(ren[x], 0) - c
+            lin["p1"] = lin.get("p1", 0) + c
+    word = tuple(("f", s.factor, ren[s.var]) for s in p.slots)
+    return [PSum(Fraction(1), word, tuple(cons), tuple(sorted((k, Fraction(v)) for k, v in lin.items() if v)))]
+
+
 def psum_mul(x: PSum, y: PSum) -> PSum:
     return PSum(x.coef * y.coef, x.word + y.word, x.cons + y.cons,
                 tuple(sorted(lin_add(dict(x.lin), dict(y.lin)).items())))

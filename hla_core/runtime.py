@@ -190,6 +190,13 @@ def eye(n):
     return np.eye(n)
 
 
+def frac_pow(x, p: int, q: int):
+    """x ** (p / q) for a decay with a fractional coefficient: x is a float, an mpmath
+    number or an array of either (per-token ρ); the exponent is formed in x's precision."""
+    exact = isinstance(x, mpmath.mpf) or (isinstance(x, np.ndarray) and x.dtype == object)
+    return x ** (mpmath.mpf(p) / q if exact else p / q)
+
+
 def scale(c, x, rank):
     """c * x where c is a scalar or a per-token vector (shape (n, 1, 1)) and x has
     `rank` axes after an optional leading token axis."""
