@@ -45,7 +45,8 @@ def patterns(draw):
         rel = draw(st.sampled_from(["", "<=", ">=", "<", ">"]))
         if rel:
             clauses.append(f"{a} {rel} {b}")
-    decay = " + ".join(f"{draw(st.integers(0, 2))}*(t-{x})" for x in idx)
+    # fractional coefficients too: γ^(1/2) etc. must work end to end, not only prove
+    decay = " + ".join(f"{draw(st.sampled_from(['0', '1', '2', '1/2', '3/2']))}*(t-{x})" for x in idx)
     return Pattern(expr, where=", ".join(clauses), decay=decay)
 
 
@@ -194,6 +195,8 @@ def test_crossing_components_are_out_of_reach():
     (dict(expr="dot(q_t,k_i) * v_i", where="i <= t", decay="t"), "decay", "differences"),
     (dict(expr="dot(q_t,k_i) * v_i", where="i <= t", decay="i-t"), "decay", "negative"),
     (dict(expr="dot(q_t,k_i) * v_i", where="i <= t", decay="t-z"), "decay", "unknown"),
+    (dict(expr="dot(q_t,k_and) * v_and", where="and <= t"), "expr", "'and'"),
+    (dict(expr=" * ".join(["dot(q_t,k_i)"] + ["dot(q_i,k_i)"] * 12 + ["v_i"])), "expr", "at most"),
 ])
 def test_malformed_patterns_are_rejected(kwargs, arg, text):
     with pytest.raises(PatternError) as exc:
@@ -263,3 +266,164 @@ def test_failed_claim_counterexample_recomputes():
     assert [str(x) for x in paper] == c["claimed"]
     assert [str(x) for x in want] == c["definition"]
     assert list(paper) != list(want)
+
+
+# --- engine defects that once slipped through (issue 9) ------------------------------
+
+FIVE = Pattern("dot(q_t,k_i)*dot(k_i,q_j)*dot(q_j,k_u)*dot(k_u,q_w)*v_w", where="i<j<u<w<t",
+               decay="(t-i)+(t-j)+(t-u)+(t-w)")
+
+
+def test_translation_is_proved_for_every_T(monkeypatch):
+    """A pattern that needs five distinct positions is invisible to the T ≤ 4 exact check:
+    only the universal translation certificate links the top summary to the Pattern."""
+    from derivations import summaries
+    d = derive(FIVE)
+    assert d.proved
+    assert [c.holds for c in d.certificates if c.identity.startswith("translation")] == [True, True]
+    real = summaries.make_summary
+
+    def doubled(slots, pairs, decay):   # the translation doubles every decay coefficient
+        return real(slots, pairs, {x: 2 * c for x, c in decay.items()})
+    monkeypatch.setattr(summaries, "pattern_summary",
+                        lambda p: doubled([("f", s.factor, s.var) for s in p.slots],
+                                          [(summaries.END if c.a == "t" else c.a, c.op,
+                                            summaries.END if c.b == "t" else c.b) for c in p.constraints],
+                                          dict(p.decay_coeffs)))
+    bad = derive(FIVE)
+    failed = {c.identity.split(" (")[0] for c in bad.certificates if not c.holds}
+    assert failed == {"translation"}       # every other certificate starts from the wrong summary
+
+
+def _brute_mp(p: Pattern, q, k, v, gamma, dps=40):
+    """o_t from the Pattern's own definition in mpmath (any rational decay)."""
+    import mpmath
+    with mpmath.workdps(dps):
+        g = mpmath.mpf(gamma)
+        vec = {"q": q, "k": k, "v": v}
+        T = q.shape[0]
+        out = []
+        for t in range(T):
+            acc = np.array([mpmath.mpf(0)] * vec[p.slots[-1].out_vec].shape[1], dtype=object)
+            for val, expo in p.valuations(range(T), t):
+                x = np.array([mpmath.mpf(float(e)) for e in vec[p.t_vec][t]], dtype=object)
+                for s in p.slots:
+                    a = np.array([mpmath.mpf(float(e)) for e in vec[s.in_vec][val[s.var]]], dtype=object)
+                    b = np.array([mpmath.mpf(float(e)) for e in vec[s.out_vec][val[s.var]]], dtype=object)
+                    x = np.dot(x, a) * b
+                acc = acc + g ** (mpmath.mpf(expo.numerator) / expo.denominator) * x
+            out.append(acc)
+        return np.array(out)
+
+
+@pytest.mark.parametrize("name", ["end", "t0", "x0", "x1", "y1", "p1", "gamma", "rhoB", "g", "I", "oo", "pi", "R", "F", "S"])
+def test_index_names_cannot_collide_with_internal_names(name):
+    """Any index name gives the operator it says (`end` once gave wrong references)."""
+    p = Pattern(f"dot(q_t,k_i) * dot(k_i,q_{name}) * v_{name}", where=f"i < {name} <= t",
+                decay=f"(t-i) + 2*(t-{name})")
+    ref = Pattern("dot(q_t,k_i) * dot(k_i,q_j) * v_j", where="i < j <= t", decay="(t-i) + 2*(t-j)")
+    d = derive(p)
+    assert d.proved
+    rng = np.random.default_rng(5)
+    q, k, v = rng.standard_normal((6, 2)), rng.standard_normal((6, 2)), rng.standard_normal((6, 2))
+    want = np.array(_brute_mp(ref, q, k, v, 0.8), dtype=float)
+    for form in ("quadratic", "recurrent", "chunked"):
+        got = d.reference(form, "mpmath")(q, k, v, gamma=0.8, chunk_size=4)
+        assert np.allclose(np.array(got, dtype=float), want, rtol=1e-12, atol=1e-12), form
+
+
+@pytest.mark.parametrize("decay", ["(t-i)/2", "(t-i)/3 + 2*(t-j)/3", "0.25*(t-i) + 1.5*(t-j)"])
+@pytest.mark.parametrize("backend", ["numpy", "mpmath"])
+def test_fractional_decays_work_end_to_end(decay, backend):
+    """γ^(1/2), γ^(1/3): every form and backend equals the brute-force sum in mpmath."""
+    p = Pattern("dot(q_t,k_i) * dot(k_i,q_j) * v_j", where="i <= j <= t", decay=decay)
+    d = derive(p)
+    assert d.proved
+    rng = np.random.default_rng(2)
+    q, k, v = rng.standard_normal((7, 2)), rng.standard_normal((7, 2)), rng.standard_normal((7, 3))
+    want = np.array(_brute_mp(p, q, k, v, 0.6), dtype=float)
+    tol = 1e-30 if backend == "mpmath" else 1e-12
+    for form in ("quadratic", "recurrent", "chunked"):
+        got = np.array(d.reference(form, backend)(q, k, v, gamma=0.6, chunk_size=3, dps=40), dtype=float)
+        assert np.max(np.abs(got - want)) <= tol * max(1.0, np.max(np.abs(want))), form
+    if backend == "mpmath":   # the exponent 1/3 itself must not be rounded to float64
+        import mpmath
+        got = d.reference("recurrent", "mpmath")(q, k, v, gamma=0.6, dps=40)
+        exact = _brute_mp(p, q, k, v, 0.6, dps=40)
+        with mpmath.workdps(40):
+            assert max(abs(a - b) for a, b in zip(got.ravel(), exact.ravel())) < mpmath.mpf(10) ** -30
+
+
+def test_decay_strings_are_parsed_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for decay in ['__import__("pathlib").Path("x").touch() or (t-i)',
+                  '(lambda: __import__("pathlib").Path("x").touch())() or (t-i)',
+                  'open("x", "w").write("1") or (t-i)']:
+        with pytest.raises(PatternError, match="^decay:"):
+            Pattern("dot(q_t,k_i) * v_i", decay=decay)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("decay", ["sqrt(2)*(t-i)", "(t-i)/0", "nan", "oo*(t-i)", "I*(t-i)",
+                                   "1e400*(t-i)", "lambda: 1", "(t-i)**2", "2**(t-i)", "(t-i) if 1 else 0",
+                                   "[t-i]", "'t-i'", "True*(t-i)", "(t-i)/(t-i)", "t-i)", "10**7*(t-i)",
+                                   "(t-i)/10000000", "-(t-i)", "x.y*(t-i)"])
+def test_malformed_decays_name_the_argument(decay):
+    with pytest.raises(PatternError) as exc:
+        Pattern("dot(q_t,k_i) * v_i", where="i <= t", decay=decay)
+    assert str(exc.value).startswith("decay:"), str(exc.value)
+
+
+@pytest.mark.parametrize("decay, coeff", [("(t-i)", 1), ("2*(t-i)", 2), ("(t-i)*3/2", Fraction(3, 2)),
+                                          ("0.5*(t-i)", Fraction(1, 2)), ("-(i-t)", 1), ("t - i + 0", 1),
+                                          ("(2*t - 2*i)/4", Fraction(1, 2)), ("+(t-i)", 1)])
+def test_wellformed_decays_parse_exactly(decay, coeff):
+    assert dict(Pattern("dot(q_t,k_i) * v_i", decay=decay).decay_coeffs) == {"i": coeff}
+
+
+def _expr_value(expr: str, val: dict, vec: dict, expo, gamma):
+    """The expression text evaluated literally: the product of its dots times its value
+    row (independent of the chain parser)."""
+    import re
+    x = None
+    for tok in expr.split("*"):
+        tok = tok.strip()
+        m = re.fullmatch(r"dot\(([qk])_(\w+),([qk])_(\w+)\)", tok.replace(" ", ""))
+        if m:
+            a, ia, b, ib = m.groups()
+            s = vec[a][val[ia]] @ vec[b][val[ib]]
+        else:
+            s = vec["v"][val[tok.split("_")[1]]]
+        x = s if x is None else x * s
+    return gamma ** float(expo) * x
+
+
+@given(p=patterns(), order=st.randoms(use_true_random=False), seed=st.integers(0, 999))
+def test_the_order_of_the_dot_factors_does_not_matter(p, order, seed):
+    """A product is a product: shuffle the factors and the arguments of each dot, and the
+    parsed chain still computes the expression as written."""
+    import re
+    factors = [f.strip() for f in p.expr.split(" * ")]
+    order.shuffle(factors)
+    factors = [re.sub(r"dot\((\w+),(\w+)\)", r"dot(\2,\1)", f) if order.random() < 0.5 else f
+               for f in factors]
+    expr = " * ".join(factors)
+    shuffled = Pattern(expr, where=p.where, decay=p.decay)
+    rng = np.random.default_rng(seed)
+    T = 4
+    vec = {"q": rng.standard_normal((T, 2)), "k": rng.standard_normal((T, 2)), "v": rng.standard_normal((T, 2))}
+    got = brute_numeric(shuffled, vec["q"], vec["k"], vec["v"], 0.7).astype(float)
+    for t in range(T):
+        want = sum((_expr_value(expr, val, vec, e, 0.7) for val, e in shuffled.valuations(range(T), t)),
+                   np.zeros(2))
+        assert np.allclose(got[t], want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_self_dot_may_come_anywhere_in_the_product():
+    a = Pattern("dot(q_t,k_i) * dot(k_i,q_j) * dot(q_i,k_i) * v_j", where="i <= j <= t")
+    b = Pattern("dot(q_t,k_i) * dot(q_i,k_i) * dot(k_i,q_j) * v_j", where="i <= j <= t")
+    assert derive(a).proved and derive(b).proved
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((5, 2)), rng.standard_normal((5, 2)), rng.standard_normal((5, 2))
+    assert np.allclose(derive(a, prove=False).reference("chunked")(q, k, v, chunk_size=2),
+                       derive(b, prove=False).reference("chunked")(q, k, v, chunk_size=2), rtol=1e-12)
