@@ -50,6 +50,45 @@ Normalized outputs o = N / (D + eps) with N, D the unnormalized sums (D with v -
 and no claim (infinite bound) where |D + eps| <= beta |D|abs: there the
 denominator's sign is not determined by the arithmetic.
 
+Norm-wise bound for nonnegative inputs (normwise_coefficient, normwise_bound). The
+element-wise bound is relative to |op|, not to o: with inputs of both signs the operators
+cancel (|op|/|o| reaches 1e3-1e4 at d = 64, docs/numerics.md), so beta |op| can exceed
+|o| itself and a wrong output (10% too large, or a dropped carry) stays inside it. Where
+q, k, v and the initial state are all >= 0, every term of the sums is >= 0, so
+|op| = o = |o| and, for the normalized form, |D|abs = D >= 0, |N|abs = N = o (D + eps).
+Then, element by element, with beta_o = beta + u_out (1 + beta):
+
+    unnormalized:  |o_hat - o| <= beta o + u_out (o + beta o) + eta_out/2
+                               =  beta_o o + eta_out/2;
+    normalized:    the margin |D + eps| - beta |D|abs = (1 - beta) D + eps > 0 (beta < 1),
+                   so every element is bounded (no "no claim" case), and
+                   e = (beta N + o beta D) / ((1 - beta) D + eps)
+                     = beta o (2D + eps) / ((1 - beta) D + eps) <= beta' o,
+                   beta' = 2 beta / (1 - beta)   [(2D + eps)(1 - beta) <= 2((1 - beta) D + eps)];
+                   |o_hat - o| <= e + (u_acc + u_out)(o + e) + eta_out/2
+                               <= (beta' + (u_acc + u_out)(1 + beta')) o + eta_out/2.
+
+Writing rho for the coefficient of o (beta_o, or beta' + (u_acc + u_out)(1 + beta')), the
+2-norm is monotone in the absolute values of the entries, so over one head's output
+(M entries)
+
+    ||o_hat - o||_2 <= rho ||o||_2 + sqrt(M) eta_out / 2.
+
+rho is about beta for unnormalized outputs and 2 beta for normalized ones; at the CI
+shapes (T = 72, d = 12, C = 64, gamma = 0.9), unnormalized / normalized: 0.028 / 0.053
+(bf16, second order), 0.041 / 0.080 (bf16, hla3), 0.0064 / 0.012 (fp16, TF32 operands,
+second order), 0.0094 / 0.019 (fp16, hla3), 4e-5 / 1.1e-4 (fp32): an output 10% off in
+norm exceeds it at every dtype. For general inputs the same argument gives rho times the
+condition number ||op||_2 / ||o||_2 of the sum, which is why the tests hold random-sign
+inputs to the element-wise bound only and draw nonnegative inputs for the norm-wise check.
+
+Final states. The carries a kernel returns are intermediates of the same sums (each
+chained stage's carry is a positively weighted sum of partial products whose product
+paths are prefixes of the output's, with no division), so the same beta bounds them;
+they are stored in the state format (fp32, or fp64 for fp64 inputs). For nonnegative
+inputs and initial states: ||S_hat - S||_2 <= (beta + u_s (1 + beta)) ||S||_2 + sqrt(M) eta_s/2
+with u_s, eta_s those of the state format (normwise_bound(..., out_dtype=state dtype)).
+
 The model assumes no overflow or underflow in the operand and output formats (the
 fp16 output range is +-65504: callers must scale inputs so that |o| stays inside it).
 These constants are counted, not fitted: a test that exceeds this bound has found
@@ -173,3 +212,35 @@ def output_bound(dtype, *, o_ref, num_abs, T, d, chunk_size, gamma,
         e = np.where(margin > 0, (b * num_abs + np.abs(o_ref) * b * den_abs) / np.where(margin > 0, margin, 1),
                      np.inf)
     return e + (u_acc + u_out) * (np.abs(o_ref) + e) + ETA[name] / 2
+
+
+def normwise_coefficient(dtype, *, T, d, chunk_size, gamma, normalize=False, op=None, out_dtype=None) -> float:
+    """rho of the norm-wise bound ||o_hat - o||_2 <= rho ||o||_2 + sqrt(M) eta_out / 2, valid
+    when q, k, v and the initial state are all >= 0 (module docstring, "Norm-wise bound").
+
+    dtype: the input dtype (operand and accumulator formats); out_dtype: the format the
+    result is stored in (default dtype: the output; a final state's is fp32 or fp64).
+    normalize: the normalized output (a final state is never divided: pass False).
+    """
+    name = str(dtype).replace("torch.", "")
+    out = name if out_dtype is None else str(out_dtype).replace("torch.", "")
+    u_out = unit_roundoff(out)
+    u_acc = UNIT_ROUNDOFF["float64"] if name == "float64" else UNIT_ROUNDOFF["float32"]
+    b = beta(name, T, d, chunk_size, gamma, op=op)
+    if not normalize:
+        return b + u_out * (1 + b)
+    if b >= 1:
+        return math.inf
+    bp = 2 * b / (1 - b)
+    return bp + (u_acc + u_out) * (1 + bp)
+
+
+def normwise_bound(dtype, *, o_ref, T, d, chunk_size, gamma, normalize=False, op=None, out_dtype=None) -> float:
+    """Bound on ||o_kernel - o_ref||_2 over one head's result o_ref (the exact float64 output
+    [T, dv], or a final state), for inputs and initial state all >= 0: rho ||o_ref||_2 +
+    sqrt(M) eta_out / 2 with rho = normwise_coefficient(...)."""
+    o_ref = np.asarray(o_ref, dtype=np.float64)
+    out = str(dtype if out_dtype is None else out_dtype).replace("torch.", "")
+    rho = normwise_coefficient(dtype, T=T, d=d, chunk_size=chunk_size, gamma=gamma, normalize=normalize,
+                               op=op, out_dtype=out_dtype)
+    return rho * float(np.linalg.norm(o_ref)) + math.sqrt(o_ref.size) * ETA[out] / 2

@@ -9,9 +9,11 @@ flash-linear-attention: q, k [B, T, H, d], v [B, T, H, dv], o [B, T, H, dv]; wit
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -92,10 +94,36 @@ def _finite(name: str, x: torch.Tensor):
         raise ValueError(f"{name} contains non-finite values (NaN or Inf)")
 
 
+def _check_bool(name: str, x):
+    """Flags must be bool: a truthy string such as normalize="no" would silently mean True."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {x!r} ({type(x).__name__})")
+
+
+def _is_int(x) -> bool:
+    """Python or numpy integer scalar (np.int64(64) is what indexing a numpy array gives), not bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    """Python or numpy real scalar (int, float, np.float32, ...), not bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _no_grad_needed(name: str, x: torch.Tensor):
+    """These kernels have no backward yet (issue 12): an input that requires grad would get an
+    output with no graph, and the gradient would be silently missing. Refuse it instead."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise NotImplementedError(
+            f"{name} requires grad, but the HLA Triton kernels have no backward yet: the output would "
+            f"carry no gradient. Call them under torch.no_grad() or pass {name}.detach()")
+
+
 def check_qkv(q, k, v):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        _no_grad_needed(name, x)
         if x.dim() != 4:
             raise ValueError(f"{name} must have rank 4 [B, T, H, dim], got shape {tuple(x.shape)}")
         if x.dtype not in SUPPORTED_DTYPES:
@@ -130,16 +158,18 @@ def check_gamma(gamma, H: int) -> torch.Tensor:
     if gamma is None:
         g = torch.ones(H, dtype=torch.float64)
     elif isinstance(gamma, torch.Tensor):
+        _no_grad_needed("gamma", gamma)
         if gamma.dim() == 0:
             g = gamma.detach().to("cpu", torch.float64).reshape(1).expand(H).clone()
         elif gamma.dim() == 1 and gamma.shape[0] == H:
             g = gamma.detach().to("cpu", torch.float64)
         else:
             raise ValueError(f"gamma tensor must have shape [H] = [{H}], got {tuple(gamma.shape)}")
-    elif isinstance(gamma, (int, float)) and not isinstance(gamma, bool):
+    elif _is_real(gamma):
         g = torch.full((H,), float(gamma), dtype=torch.float64)
     else:
-        raise TypeError(f"gamma must be None, a float in (0, 1] or a tensor [H], got {type(gamma).__name__}")
+        raise TypeError(f"gamma must be None, a real number in (0, 1] (Python or numpy scalar) or a "
+                        f"tensor [H], got {type(gamma).__name__}")
     if not bool(torch.isfinite(g).all()) or bool((g <= 0).any()) or bool((g > 1).any()):
         raise ValueError(f"gamma must lie in (0, 1], got {g.tolist()}")
     return g
@@ -166,15 +196,26 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int, device):
     return len(lens), cu.to(device=device, dtype=torch.int32), lens
 
 
-def check_chunk_size(chunk_size):
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 16 \
-            or chunk_size > 128 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two in [16, 128], got {chunk_size!r}")
+def check_chunk_size(chunk_size) -> int:
+    """Return chunk_size as a Python int (it becomes a compile-time constant of the kernels)."""
+    if not _is_int(chunk_size):
+        raise TypeError(f"chunk_size must be an integer (Python or numpy), a power of two in [16, 128], "
+                        f"got {chunk_size!r} ({type(chunk_size).__name__})")
+    c = int(chunk_size)
+    if c < 16 or c > 128 or c & (c - 1):
+        raise ValueError(f"chunk_size must be a power of two in [16, 128], got {c}")
+    return c
 
 
-def check_eps(eps):
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+def check_eps(eps) -> float:
+    """Return eps as a Python float after checking it is a finite real number > 0."""
+    if not _is_real(eps):
+        raise TypeError(f"eps must be a real number (Python or numpy scalar) > 0, got {eps!r} "
+                        f"({type(eps).__name__})")
+    e = float(eps)
+    if not math.isfinite(e) or e <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {e!r}")
+    return e
 
 
 def check_state(state, cls, fields_shapes: dict, normalize: bool, device, sdtype):
@@ -195,7 +236,8 @@ def check_state(state, cls, fields_shapes: dict, normalize: bool, device, sdtype
         if x is None:
             raise ValueError(f"initial_state.{name} is missing" + (" (needed with normalize)" if name in optional else ""))
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"initial_state.{name} must be a tensor")
+            raise TypeError(f"initial_state.{name} must be a torch.Tensor, got {type(x).__name__}")
+        _no_grad_needed(f"initial_state.{name}", x)
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"initial_state.{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
         if x.device != device:
@@ -208,7 +250,10 @@ def check_state(state, cls, fields_shapes: dict, normalize: bool, device, sdtype
 
 
 def carry_in_out(cls, shapes: dict, initial_state, output_final_state, normalize, device, sdtype):
-    """(validated initial carry {field: tensor or None}, fresh final state of `cls` or None)."""
+    """(validated initial carry {field: tensor or None}, fresh final state of `cls` or None);
+    also checks the flags normalize and output_final_state are bool."""
+    _check_bool("normalize", normalize)
+    _check_bool("output_final_state", output_final_state)
     st = dict.fromkeys(cls._fields)
     if initial_state is not None:
         st = check_state(initial_state, cls, shapes, normalize, device, sdtype)
@@ -224,8 +269,9 @@ def prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite):
     B, T, H, d, dv = check_qkv(q, k, v)
     g = check_gamma(gamma, H)
     check_eps(eps)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     N, cu, lens = check_cu_seqlens(cu_seqlens, B, T, q.device)
+    _check_bool("check_finite", check_finite)
     if check_finite:
         for name, x in (("q", q), ("k", k), ("v", v)):
             _finite(name, x)
