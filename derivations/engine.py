@@ -163,9 +163,21 @@ class Derivation:
             lines.append(f"  proofs: {ok}/{len(self.certificates)} hold")
         return "\n".join(lines)
 
+    @property
+    def gradients(self) -> dict:
+        """Gradient terms of the numerator: {'q' | 'k' | 'v': [GradTerm, ...]} (print them);
+        the denominator's are `all_gradient_terms(self.pattern.denominator())`."""
+        from .gradients import all_gradient_terms
+        return all_gradient_terms(self.pattern)
+
     def reference(self, form: str = "recurrent", backend: str = "numpy"):
         from .codegen import reference_function
         return reference_function(self, form, backend)
+
+    def vjp_reference(self, form: str = "quadratic", backend: str = "numpy"):
+        """f(q, k, v, do, gamma=, normalize=, eps=, chunk_size=, dps=) -> (dq, dk, dv)."""
+        from .codegen import reference_function
+        return reference_function(self, form, backend, vjp=True)
 
 
 def derive(pattern: Pattern, *, prove: bool = True, definition=None, exact_T: int = 4) -> Derivation:
@@ -176,8 +188,13 @@ def derive(pattern: Pattern, *, prove: bool = True, definition=None, exact_T: in
     den = synthesize(pattern.denominator(), namer=num.namer)
     d = Derivation(pattern, num, den, definition=definition)
     if prove:
+        from .gradients import prove_derivative, prove_exact_vjp
         from .proofs import prove_all
         d.certificates = prove_all(d, exact_T=exact_T)
+        decay = pattern.has_decay
+        d.certificates += [prove_derivative(pattern, "gradient, numerator", decay),
+                           prove_derivative(pattern.denominator(), "gradient, denominator", decay),
+                           prove_exact_vjp(d, decay, T_max=min(exact_T, 3))]
     return d
 
 

@@ -6,6 +6,7 @@
     o2 = hla_core.evaluate("ahla", q2, k2, v2, initial_state=state)   # continue the sequence
 
 Single head: q, k of shape (T, d), v of shape (T, dv); o of shape (T, dv).
+`hla_core.vjp(op, q, k, v, do, ...)` returns (dq, dk, dv) of Σ_t do_t · o_t.
 `state` is the smallest carry the derivation gives, a dict of arrays (see
 docs/identities/<op>.md for each entry's meaning).
 """
@@ -16,7 +17,7 @@ import importlib
 from . import runtime
 from .registry import OPERATORS
 
-__all__ = ["OPERATORS", "evaluate", "module", "reference", "state_shapes"]
+__all__ = ["OPERATORS", "evaluate", "module", "reference", "state_shapes", "vjp"]
 
 
 def module(op: str):
@@ -35,6 +36,15 @@ def evaluate(op, q, k, v, *, form="recurrent", gamma=1.0, normalize=False, eps=1
     return runtime.evaluate(module(op), q, k, v, form=form, gamma=gamma, normalize=normalize,
                             eps=eps, chunk_size=chunk_size, backend=backend, dps=dps,
                             initial_state=initial_state, return_state=return_state)
+
+
+def vjp(op, q, k, v, do, *, form="quadratic", gamma=1.0, normalize=False, eps=1e-6,
+        chunk_size=16, backend="numpy", dps=50):
+    """(dq, dk, dv) of Σ_t do_t · o_t for operator `op` on one head, from the gradient terms
+    the engine derived (derivations/gradients.py). Only form='quadratic' so far: the
+    streaming (recurrent, chunked) forms of the gradient terms are not derived yet."""
+    return runtime.vjp(module(op), q, k, v, do, form=form, gamma=gamma, normalize=normalize,
+                       eps=eps, chunk_size=chunk_size, backend=backend, dps=dps)
 
 
 def reference(op, form="recurrent", backend="numpy"):

@@ -26,16 +26,20 @@ class Backend:
 
     @property
     def exact(self) -> bool:
-        return self.name == "mpmath"
+        return self.name in ("mpmath", "exact")
 
     def array(self, x):
         x = np.asarray(x)
+        if self.name == "exact":   # rational object arrays (the engine's exact checks)
+            return x.astype(object)
         if self.exact:
             return np.vectorize(lambda e: mpmath.mpf(e) if not isinstance(e, mpmath.mpf) else e,
                                 otypes=[object])(x) if x.size else x.astype(object)
         return x.astype(np.float64)
 
     def scalar(self, x):
+        if self.name == "exact":
+            return x
         if self.exact:
             if hasattr(x, "numerator") and hasattr(x, "denominator") and not isinstance(x, float):
                 return mpmath.mpf(x.numerator) / x.denominator
@@ -43,10 +47,14 @@ class Backend:
         return float(x)
 
     def zeros(self, shape):
+        if self.name == "exact":
+            return np.zeros(shape, dtype=int).astype(object)
         z = np.zeros(shape)
         return self.array(z) if self.exact else z
 
     def ones(self, shape):
+        if self.name == "exact":
+            return np.ones(shape, dtype=int).astype(object)
         o = np.ones(shape)
         return self.array(o) if self.exact else o
 
@@ -117,7 +125,7 @@ def masked_sum(spec: Spec, q, k, v, gamma, be: Backend, per_t: bool, t_vec: str 
         expo = expo + be.scalar(c) * (tt - axis(j))
     if be.exact:
         g = be.scalar(gamma)
-        W = np.where(mask, np.vectorize(lambda e: g ** e, otypes=[object])(expo), mpmath.mpf(0))
+        W = np.vectorize(lambda keep, e: g ** e if keep else 0, otypes=[object])(mask, expo)
     else:
         W = np.where(mask, float(gamma) ** expo, 0.0)
     if not per_t:
@@ -149,6 +157,103 @@ def masked_sum(spec: Spec, q, k, v, gamma, be: Backend, per_t: bool, t_vec: str 
     if be.exact:
         return np.einsum(expr, *ops)
     return np.einsum(expr, *ops, optimize="greedy")
+
+
+@dataclass(frozen=True)
+class GradSpec:
+    """A gradient term's pattern (derivations/gradients.py): vars 0..n-1 with var 0 the
+    output token s; `lead` (vector letter at var 0), then chain slots (in, out, var);
+    rels (a, op, b) over vars (the old output t is a var like the others); the γ
+    exponent is the linear form Σ coef · position over `expo`."""
+    lead: str
+    slots: tuple
+    rels: tuple
+    expo: tuple
+    nvars: int
+
+
+def grad_masked_sum(spec: GradSpec, vecs: dict, gamma, be: Backend):
+    """Σ over index tuples of γ^{exponent} lead_sᵀ · chain, for every s: shape (T, width).
+    `vecs` maps the vector letters (q, k, v, o for the cotangent, 1) to (T, dim) arrays."""
+    n = vecs["q"].shape[0]
+    m = spec.nvars
+    idx = np.arange(n)
+    shape = [n] * m
+
+    def axis(j):
+        s = [1] * m
+        s[j] = n
+        return idx.reshape(s)
+
+    mask = np.ones(shape, dtype=bool)
+    for a, op, b in spec.rels:
+        mask &= np.broadcast_to({"<=": axis(a) <= axis(b), "<": axis(a) < axis(b),
+                                 "==": axis(a) == axis(b)}[op], shape)
+    if be.exact:
+        expo = np.zeros(shape, dtype=object)
+        for j, c in spec.expo:
+            expo = expo + be.scalar(c) * axis(j)
+        g = be.scalar(gamma)
+        W = np.vectorize(lambda keep, e: g ** e if keep else 0, otypes=[object])(mask, expo)
+    else:
+        expo = np.zeros(shape)
+        for j, c in spec.expo:
+            expo = expo + float(c) * axis(j)
+        W = np.where(mask, float(gamma) ** np.where(mask, expo, 0.0), 0.0)
+    letters = "abcdefghijklmnopqrsuvwxyz"
+    vl = [letters[j] for j in range(m)]
+    ops, subs = [W], ["".join(vl)]
+    prev_vec, prev_var = spec.lead, 0
+    for a_in, a_out, var in spec.slots:
+        ops.append(vecs[prev_vec] @ vecs[a_in].T)
+        subs.append(vl[prev_var] + vl[var])
+        prev_vec, prev_var = a_out, var
+    ops.append(vecs[prev_vec])
+    subs.append(vl[prev_var] + "Z")
+    expr = ",".join(subs) + "->" + vl[0] + "Z"
+    if be.exact:
+        return np.einsum(expr, *ops)
+    return np.einsum(expr, *ops, optimize="greedy")
+
+
+def vjp_quadratic(mod, q, k, v, do, g, normalize, eps, be: Backend):
+    """(dq, dk, dv) from the derived gradient terms, each summed over all index tuples."""
+    parts = {"num": mod.NUM}
+    o_num = masked_sum(mod.NUM["top"], q, k, v, g, be, per_t=True, t_vec=mod.T_VEC)
+    if normalize:
+        o_den = masked_sum(mod.DEN["top"], q, k, v, g, be, per_t=True, t_vec=mod.T_VEC)
+        den = o_den + be.scalar(eps)                 # (T, 1)
+        cot = {"num": do / den,                      # quotient rule: ∂o/∂N = 1/(D + ε)
+               "den": -np.sum(do * (o_num / den), axis=1, keepdims=True) / den}
+        parts["den"] = mod.DEN
+    else:
+        cot = {"num": do}
+    out = []
+    for wrt, x in (("q", q), ("k", k), ("v", v)):
+        acc = be.zeros(x.shape)
+        for key, part in parts.items():
+            vecs = {"q": q, "k": k, "v": v, "o": cot[key], "1": be.ones((q.shape[0], 1))}
+            for spec in part["grads"][wrt]:
+                acc = acc + grad_masked_sum(spec, vecs, g, be)
+        out.append(acc)
+    return tuple(out)
+
+
+def vjp(mod, q, k, v, do, *, form="quadratic", gamma=1.0, normalize=False, eps=1e-6,
+        chunk_size=16, backend="numpy", dps=50):
+    """(dq, dk, dv) of Σ_t do_t · o_t for a generated reference module. Single head."""
+    V.check_options(normalize, eps, chunk_size, form, backend, dps)
+    q, k, v = V.check_qkv(q, k, v)
+    do = V.check_cotangent(do, (q.shape[0], v.shape[1]))
+    V.check_gamma(gamma, mod.HAS_DECAY)
+    if form != "quadratic":
+        raise NotImplementedError(
+            f"form: the {form} VJP (streaming states of the gradient terms) is not derived yet; "
+            "use form='quadratic'")
+    be = Backend(backend, dps)
+    with be.context():
+        arr = [be.array(x) for x in (q, k, v, do)]
+        return vjp_quadratic(mod, *arr, be.scalar(gamma), normalize, eps, be)
 
 
 def apply(M, fillers, breaks):

@@ -91,3 +91,11 @@ def check_state(state, shapes: dict, name: str = "initial_state") -> dict:
             raise ValueError(f"{name}[{key!r}]: contains non-finite values")
         out[key] = arr
     return out
+
+
+def check_cotangent(do, shape: tuple):
+    """The output cotangent: a finite (T, dv) array, the output's shape."""
+    arr = _as_matrix("do", do)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"do: expected the output's shape (T, dv) = {tuple(shape)}, got {arr.shape}")
+    return arr

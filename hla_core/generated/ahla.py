@@ -63,6 +63,19 @@ NUM = {
     "combine": _num_combine,
     "combine_scan": _num_combine_scan,
     "scan": ('KQ_KV', 'KV', 'KQ'),
+    "grads": {
+        "q": (
+            R.GradSpec(lead='o', slots=(('v', 'k', 1), ('q', 'k', 2)), rels=((1, '<=', 2), (2, '<=', 0), (1, '<=', 0)), expo=((0, Fraction('1')), (1, Fraction('-1'))), nvars=3),  # q_t as the right vector of the output token's query
+            R.GradSpec(lead='k', slots=(('q', 'o', 1), ('v', 'k', 2)), rels=((2, '<=', 0), (0, '<=', 1), (2, '<=', 1)), expo=((1, Fraction('1')), (2, Fraction('-1'))), nvars=3),  # q_i as the right vector of slot 1 (k_i q_iᵀ)
+        ),
+        "k": (
+            R.GradSpec(lead='q', slots=(('k', 'v', 1), ('o', 'q', 2)), rels=((1, '<=', 0), (0, '<=', 2), (1, '<=', 2)), expo=((1, Fraction('-1')), (2, Fraction('1'))), nvars=3),  # k_i as the left vector of slot 1 (k_i q_iᵀ)
+            R.GradSpec(lead='v', slots=(('o', 'q', 1), ('k', 'q', 2)), rels=((0, '<=', 2), (2, '<=', 1), (0, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('1'))), nvars=3),  # k_j as the left vector of slot 2 (k_j v_jᵀ)
+        ),
+        "v": (
+            R.GradSpec(lead='k', slots=(('q', 'k', 1), ('q', 'o', 2)), rels=((0, '<=', 1), (1, '<=', 2), (0, '<=', 2)), expo=((0, Fraction('-1')), (2, Fraction('1'))), nvars=3),  # v_j as the right vector of slot 2 (k_j v_jᵀ)
+        ),
+    },
 }
 
 
@@ -111,6 +124,18 @@ DEN = {
     "combine": _den_combine,
     "combine_scan": _den_combine_scan,
     "scan": ('KQ_K1', 'K1', 'KQ'),
+    "grads": {
+        "q": (
+            R.GradSpec(lead='o', slots=(('1', 'k', 1), ('q', 'k', 2)), rels=((1, '<=', 2), (2, '<=', 0), (1, '<=', 0)), expo=((0, Fraction('1')), (1, Fraction('-1'))), nvars=3),  # q_t as the right vector of the output token's query
+            R.GradSpec(lead='k', slots=(('q', 'o', 1), ('1', 'k', 2)), rels=((2, '<=', 0), (0, '<=', 1), (2, '<=', 1)), expo=((1, Fraction('1')), (2, Fraction('-1'))), nvars=3),  # q_i as the right vector of slot 1 (k_i q_iᵀ)
+        ),
+        "k": (
+            R.GradSpec(lead='q', slots=(('k', '1', 1), ('o', 'q', 2)), rels=((1, '<=', 0), (0, '<=', 2), (1, '<=', 2)), expo=((1, Fraction('-1')), (2, Fraction('1'))), nvars=3),  # k_i as the left vector of slot 1 (k_i q_iᵀ)
+            R.GradSpec(lead='1', slots=(('o', 'q', 1), ('k', 'q', 2)), rels=((0, '<=', 2), (2, '<=', 1), (0, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('1'))), nvars=3),  # k_j as the left vector of slot 2 (k_j 1_jᵀ)
+        ),
+        "v": (
+        ),
+    },
 }
 
 
@@ -125,4 +150,16 @@ def reference(form="recurrent", backend="numpy"):
                           chunk_size=chunk_size, backend=backend, dps=dps,
                           initial_state=initial_state, return_state=return_state)
     f.__name__ = f"{NAME}_{form}_{backend}"
+    return f
+
+
+def vjp_reference(form="quadratic", backend="numpy"):
+    """f(q, k, v, do, gamma=1.0, normalize=False, eps=1e-6, ...) -> (dq, dk, dv)."""
+    import sys
+    mod = sys.modules[__name__]
+
+    def f(q, k, v, do, gamma=1.0, normalize=False, eps=1e-6, chunk_size=16, dps=50):
+        return R.vjp(mod, q, k, v, do, form=form, gamma=gamma, normalize=normalize, eps=eps,
+                     chunk_size=chunk_size, backend=backend, dps=dps)
+    f.__name__ = f"{NAME}_vjp_{form}_{backend}"
     return f

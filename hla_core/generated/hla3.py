@@ -71,6 +71,21 @@ NUM = {
     "combine": _num_combine,
     "combine_scan": _num_combine_scan,
     "scan": ('KK_QQ_KV', 'KK', 'KV', 'QQ', 'QQ_KV', 'KK_QQ'),
+    "grads": {
+        "q": (
+            R.GradSpec(lead='o', slots=(('v', 'k', 1), ('q', 'q', 2), ('k', 'k', 3)), rels=((3, '<=', 2), (1, '<=', 2), (2, '<=', 0), (3, '<=', 0), (1, '<=', 0)), expo=((0, Fraction('3')), (1, Fraction('-1')), (2, Fraction('-1')), (3, Fraction('-1'))), nvars=4),  # q_t as the right vector of the output token's query
+            R.GradSpec(lead='q', slots=(('k', 'v', 1), ('o', 'q', 2), ('k', 'k', 3)), rels=((3, '<=', 0), (1, '<=', 0), (0, '<=', 2), (3, '<=', 2), (1, '<=', 2)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('3')), (3, Fraction('-1'))), nvars=4),  # q_u as the left vector of slot 2 (q_u q_uᵀ)
+            R.GradSpec(lead='q', slots=(('k', 'k', 1), ('q', 'o', 2), ('v', 'k', 3)), rels=((1, '<=', 0), (3, '<=', 0), (0, '<=', 2), (1, '<=', 2), (3, '<=', 2)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('3')), (3, Fraction('-1'))), nvars=4),  # q_u as the right vector of slot 2 (q_u q_uᵀ)
+        ),
+        "k": (
+            R.GradSpec(lead='k', slots=(('q', 'q', 1), ('k', 'v', 2), ('o', 'q', 3)), rels=((0, '<=', 1), (2, '<=', 1), (1, '<=', 3), (0, '<=', 3), (2, '<=', 3)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('-1')), (3, Fraction('3'))), nvars=4),  # k_i as the left vector of slot 1 (k_i k_iᵀ)
+            R.GradSpec(lead='k', slots=(('q', 'o', 1), ('v', 'k', 2), ('q', 'q', 3)), rels=((0, '<=', 3), (2, '<=', 3), (3, '<=', 1), (0, '<=', 1), (2, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1')), (3, Fraction('-1'))), nvars=4),  # k_i as the right vector of slot 1 (k_i k_iᵀ)
+            R.GradSpec(lead='v', slots=(('o', 'q', 1), ('k', 'k', 2), ('q', 'q', 3)), rels=((2, '<=', 3), (0, '<=', 3), (3, '<=', 1), (2, '<=', 1), (0, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1')), (3, Fraction('-1'))), nvars=4),  # k_j as the left vector of slot 3 (k_j v_jᵀ)
+        ),
+        "v": (
+            R.GradSpec(lead='k', slots=(('q', 'q', 1), ('k', 'k', 2), ('q', 'o', 3)), rels=((2, '<=', 1), (0, '<=', 1), (1, '<=', 3), (2, '<=', 3), (0, '<=', 3)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('-1')), (3, Fraction('3'))), nvars=4),  # v_j as the right vector of slot 3 (k_j v_jᵀ)
+        ),
+    },
 }
 
 
@@ -127,6 +142,20 @@ DEN = {
     "combine": _den_combine,
     "combine_scan": _den_combine_scan,
     "scan": ('KK_QQ_K1', 'KK', 'K1', 'QQ', 'QQ_K1', 'KK_QQ'),
+    "grads": {
+        "q": (
+            R.GradSpec(lead='o', slots=(('1', 'k', 1), ('q', 'q', 2), ('k', 'k', 3)), rels=((3, '<=', 2), (1, '<=', 2), (2, '<=', 0), (3, '<=', 0), (1, '<=', 0)), expo=((0, Fraction('3')), (1, Fraction('-1')), (2, Fraction('-1')), (3, Fraction('-1'))), nvars=4),  # q_t as the right vector of the output token's query
+            R.GradSpec(lead='q', slots=(('k', '1', 1), ('o', 'q', 2), ('k', 'k', 3)), rels=((3, '<=', 0), (1, '<=', 0), (0, '<=', 2), (3, '<=', 2), (1, '<=', 2)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('3')), (3, Fraction('-1'))), nvars=4),  # q_u as the left vector of slot 2 (q_u q_uᵀ)
+            R.GradSpec(lead='q', slots=(('k', 'k', 1), ('q', 'o', 2), ('1', 'k', 3)), rels=((1, '<=', 0), (3, '<=', 0), (0, '<=', 2), (1, '<=', 2), (3, '<=', 2)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('3')), (3, Fraction('-1'))), nvars=4),  # q_u as the right vector of slot 2 (q_u q_uᵀ)
+        ),
+        "k": (
+            R.GradSpec(lead='k', slots=(('q', 'q', 1), ('k', '1', 2), ('o', 'q', 3)), rels=((0, '<=', 1), (2, '<=', 1), (1, '<=', 3), (0, '<=', 3), (2, '<=', 3)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('-1')), (3, Fraction('3'))), nvars=4),  # k_i as the left vector of slot 1 (k_i k_iᵀ)
+            R.GradSpec(lead='k', slots=(('q', 'o', 1), ('1', 'k', 2), ('q', 'q', 3)), rels=((0, '<=', 3), (2, '<=', 3), (3, '<=', 1), (0, '<=', 1), (2, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1')), (3, Fraction('-1'))), nvars=4),  # k_i as the right vector of slot 1 (k_i k_iᵀ)
+            R.GradSpec(lead='1', slots=(('o', 'q', 1), ('k', 'k', 2), ('q', 'q', 3)), rels=((2, '<=', 3), (0, '<=', 3), (3, '<=', 1), (2, '<=', 1), (0, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1')), (3, Fraction('-1'))), nvars=4),  # k_j as the left vector of slot 3 (k_j 1_jᵀ)
+        ),
+        "v": (
+        ),
+    },
 }
 
 
@@ -141,4 +170,16 @@ def reference(form="recurrent", backend="numpy"):
                           chunk_size=chunk_size, backend=backend, dps=dps,
                           initial_state=initial_state, return_state=return_state)
     f.__name__ = f"{NAME}_{form}_{backend}"
+    return f
+
+
+def vjp_reference(form="quadratic", backend="numpy"):
+    """f(q, k, v, do, gamma=1.0, normalize=False, eps=1e-6, ...) -> (dq, dk, dv)."""
+    import sys
+    mod = sys.modules[__name__]
+
+    def f(q, k, v, do, gamma=1.0, normalize=False, eps=1e-6, chunk_size=16, dps=50):
+        return R.vjp(mod, q, k, v, do, form=form, gamma=gamma, normalize=normalize, eps=eps,
+                     chunk_size=chunk_size, backend=backend, dps=dps)
+    f.__name__ = f"{NAME}_vjp_{form}_{backend}"
     return f
