@@ -192,9 +192,12 @@ def derive(pattern: Pattern, *, prove: bool = True, definition=None, exact_T: in
         from .proofs import prove_all
         d.certificates = prove_all(d, exact_T=exact_T)
         decay = pattern.has_decay
+        from .gradients import prove_streaming_gradients
         d.certificates += [prove_derivative(pattern, "gradient, numerator", decay),
                            prove_derivative(pattern.denominator(), "gradient, denominator", decay),
                            prove_exact_vjp(d, decay, T_max=min(exact_T, 3))]
+        d.certificates += prove_streaming_gradients(pattern, "gradient, numerator", decay)
+        d.certificates += prove_streaming_gradients(pattern.denominator(), "gradient, denominator", decay)
     return d
 
 

@@ -305,3 +305,215 @@ def _exact_vjp(mod, q, k, v, do, g, normalize, eps):
     from hla_core import runtime as R
     be = R.Backend("exact")
     return R.vjp_quadratic(mod, q, k, v, do, g, normalize, eps, be)
+
+
+# ---------------------------------------------------------------------------
+# Streaming: each gradient term as prefix summaries (up to s, forward in time) and
+# suffix summaries (after s, read backward in time), met at s.
+#
+# A term's indices lie before or at its output index s (the prefix side P) or after it
+# (the suffix side F; the old output t is then the largest of them). Every admissible
+# assignment of the indices to the two sides factors the chain into components, as
+# `summaries.split` does at a segment boundary, with s the end of the prefix. A prefix
+# component is an ordinary summary of 1..s (decay γ^{c(s − x)}). The suffix side is one
+# component (every index there is ≤ t); with the sequence read backward, from T down to
+# s + 1, it is an ordinary summary too, whose end is token s + 1: with τ the reversed
+# position, c(t − x) + C_P (t − s) = γ^{C_P} · γ^{(C_P + Σ_F c)(end − τ_t) − Σ_{x≠t} c (end − τ_x)},
+# C_P the decay weight of the prefix side. So the forward machinery (split, closure, ⊕,
+# the proofs) applies to both sides unchanged; only the readout at s is two-sided.
+
+PREFIX, SUFFIX = "P", "F"
+
+
+@dataclass
+class GradSynthesis:
+    term: GradTerm
+    readout: list            # Terms over Ref('P', …) (state of 1..s) and Ref('F', …) (of s+1..T)
+    prefix: object           # Synthesis of the prefix summaries (forward in time)
+    suffix: object           # Synthesis of the suffix summaries (backward in time)
+
+
+def synthesize_term(term: GradTerm) -> GradSynthesis:
+    import itertools
+
+    import sympy
+
+    from .engine import Synthesis
+    from .summaries import (END, GAMMA, Namer, Summary, Term, close_relations, closure, embed,
+                            make_summary, refs_in, _decompose)
+    at = term.at
+    idx = [x for x in term.indices if x != at]
+    ren = {x: f"#{x}" for x in idx}
+    ren[at] = "#@"                                  # slots at s itself: a var tied to the end
+    slots = [("f", f.in_vec + f.out_vec, ren[f.var]) for f in term.chain]
+    vars_ = list(dict.fromkeys(s[2] for s in slots))
+    pairs = [(END if c.a == at else ren[c.a], c.op, END if c.b == at else ren[c.b]) for c in term.constraints]
+    if "#@" in vars_:
+        pairs += [("#@", "<=", END), (END, "<=", "#@")]
+    coeff = {ren[x]: c for x, c in term.decay}
+    t_var = ren.get(OUT)
+    namer_p, namer_f = Namer(), Namer()
+    readout = []
+    free = [v for v in vars_ if v != "#@"]
+    for assign in itertools.product((PREFIX, SUFFIX), repeat=len(free)):
+        side = dict(zip(free, assign), **({"#@": PREFIX} if "#@" in vars_ else {}))
+        P = [v for v in vars_ if side[v] == PREFIX]
+        F = [v for v in vars_ if side[v] == SUFFIX]
+        extra = [(v, "<=", END) for v in P] + [(END, "<", v) for v in F]
+        rel = close_relations(vars_ + [END], pairs + extra)
+        if rel is None:                             # the constraints forbid this assignment
+            continue
+        # decay weight of the prefix side, s itself included (whether or not a factor sits at s)
+        c_p = sum((coeff.get(v, Fraction(0)) for v in P if v != "#@"), Fraction(0)) + coeff.get("#@", Fraction(0))
+        full = Summary(tuple(slots), tuple(sorted(rel.items())),
+                       tuple(sorted((v, coeff.get(v, Fraction(0))) for v in P)))
+
+        def build(seg, sub_slots, sub_pairs, comp_vars, c_p=c_p, F=F):
+            if seg == PREFIX:
+                return namer_p(make_summary(sub_slots, sub_pairs, {v: coeff.get(v, Fraction(0))
+                                                                   for v in comp_vars}))
+            flipped = [(b, op, a) for a, op, b in sub_pairs]
+            dec = {v: -coeff.get(v, Fraction(0)) for v in comp_vars}
+            dec[t_var] = c_p + sum((coeff.get(v, Fraction(0)) for v in F if v != t_var), Fraction(0))
+            return namer_f(make_summary(sub_slots, flipped, dec))
+        seq = _decompose(full, side, {PREFIX}, namer_p, None, build=build)
+        coef = GAMMA ** sympy.Rational(c_p.numerator, c_p.denominator) if F else sympy.Integer(1)
+        readout.append(Term(coef, seq))
+
+    def side_synthesis(seg, namer):
+        start = list(dict.fromkeys(refs_in(readout, seg)))
+        stream = closure(start, namer, one_token=True, sides=("A",))
+        combine = closure(start, namer, one_token=False, sides=("A", "B"))
+        carry = list(closure(start, namer, one_token=False, sides=("A",)))
+        embeds = {n: embed(namer.by_name[n]) for n in combine}
+        return Synthesis(None, namer, None, (), stream, combine, embeds, stream_state=list(stream),
+                         carry_state=carry, scan_state=list(combine))
+    return GradSynthesis(term, readout, side_synthesis(PREFIX, namer_p), side_synthesis(SUFFIX, namer_f))
+
+
+def _suffix_psums(s, lo: tuple, hi: tuple, fillers: list, fresh):
+    """Meaning, in forward time, of a suffix-side summary over (lo, hi]: its relations
+    read backward, its decay measured from the segment's first token lo + 1."""
+    from .summaries import END
+    from .weights import PSum, bound_le, psum_mul
+    ren = {v: fresh() for v in s.vars}
+    cons = []
+    for (a, b), op in s.rel:
+        if b == END and op == "<=":
+            continue
+        if END in (a, b):
+            raise ValueError(f"suffix summary {s.describe()} is tied to its end; not a readout summary")
+        cons.append(bound_le((ren[b], 0), (ren[a], 0), op == "<"))
+    for v in ren.values():
+        cons += [bound_le(lo, (v, 0), strict=True), bound_le((v, 0), hi)]
+    lin: dict = {}
+    for v, c in s.decay:
+        for k, x in ((ren[v], c), (lo[0], -c), ("1", -c * (1 + lo[1]))):
+            lin[k] = lin.get(k, Fraction(0)) + x
+    parts = [[PSum(Fraction(1), (), tuple(cons), tuple(sorted((k, x) for k, x in lin.items() if x)))]]
+    k = 0
+    for sl in s.slots:
+        if sl[0] == "h":
+            parts.append(fillers[k])
+            k += 1
+        else:
+            parts.append([PSum(Fraction(1), (("f", sl[1], ren[sl[2]]),), (), ())])
+    out = [PSum(Fraction(1), (), (), ())]
+    for p in parts:
+        out = [psum_mul(x, y) for x in out for y in p]
+    return out
+
+
+def _term_psums(term: GradTerm, fresh):
+    """The term's own sum at output s = p1, every index in (p0, p2], read from its data."""
+    from .weights import PSum, bound_le
+    ren = {x: fresh() for x in term.indices if x != term.at}
+    pt = {x: (ren[x], 0) for x in ren}
+    pt[term.at] = ("p1", 0)
+    cons = [bound_le(pt[c.a], pt[c.b], c.op == "<") for c in term.constraints if c.op != "=="]
+    cons += [(pt[c.a][0], "==", pt[c.b][0]) for c in term.constraints if c.op == "=="]
+    for v in ren.values():
+        cons += [bound_le(("p0", 0), (v, 0), True), bound_le((v, 0), ("p2", 0))]
+    var_at = None
+    if any(f.var == term.at for f in term.chain):   # factors at s itself: a var pinned to p1
+        var_at = fresh()
+        cons += [bound_le((var_at, 0), ("p1", 0)), bound_le(("p1", 0), (var_at, 0))]
+    lin: dict = {}
+    for x, c in term.decay:
+        for k, y in ((pt[OUT][0], c), (pt[x][0], -c)):
+            lin[k] = lin.get(k, Fraction(0)) + y
+    word = tuple(("f", f.in_vec + f.out_vec, var_at if f.var == term.at else ren[f.var]) for f in term.chain)
+    return [PSum(Fraction(1), word, tuple(cons), tuple(sorted((k, y) for k, y in lin.items() if y)))]
+
+
+def _update_checks(syn) -> list:
+    """Each one-token update of a side equals its summary (order types), as prove_streaming."""
+    from .proofs import _ext_psums
+    from .weights import Context, Fresh, compare, formula_psums, summary_psums
+    ctx = Context(["p0", "p1", "p2"], {"p2"}, {"A": 1, "T": 2})
+    out = []
+    for name in syn.stream_state:
+        s = syn.namer.by_name[name]
+        fr = Fresh()
+        holes = _ext_psums(s.holes)
+
+        def ref(seg, n, fillers, alg):
+            lo, hi = alg.ctx.bounds(seg)
+            return summary_psums(syn.namer.by_name[n], lo, hi, fillers, alg.fresh)
+        lhs = summary_psums(s, ("p0", 0), ("p2", 0), list(holes), fr)
+        rhs = formula_psums(syn.stream[name], ctx, ref, tok_seg="T", holes=holes, fresh=fr)
+        out.append((f"update {name}", compare(lhs, rhs, ctx)))
+    return out
+
+
+def prove_streaming_gradients(p: Pattern, part: str, decay: bool) -> list:
+    """Certificates for every gradient term of `p`: the two-sided readout at s equals the
+    term (order types, every T); each side's one-token updates, ⊕, associativity and scan
+    equivalence, by the forward proofs (the suffix side in reversed time)."""
+    from .engine import Certificate
+    from .proofs import prove_associativity, prove_combine, prove_scan
+    from .summaries import OutOfReach
+    from .weights import Context, Fresh, compare, formula_psums, summary_psums
+    t0 = time.perf_counter()
+    ctx = Context(["p0", "p1", "p2"], set(), {PREFIX: 1, SUFFIX: 2})
+    readout_checks, update_checks, failures = [], [], []
+    side_certs: dict = {"combine": [], "associativity": [], "scan": []}
+    out_of_reach = []
+    for wrt, terms in all_gradient_terms(p).items():
+        for n, term in enumerate(terms):
+            label = f"d{wrt} term {n + 1}"
+            try:
+                gs = synthesize_term(term)
+            except OutOfReach as exc:
+                out_of_reach.append(f"{label}: {exc}")
+                continue
+
+            def ref(seg, name, fillers, alg, gs=gs):
+                lo, hi = alg.ctx.bounds(seg)
+                if seg == PREFIX:
+                    return summary_psums(gs.prefix.namer.by_name[name], lo, hi, fillers, alg.fresh)
+                return _suffix_psums(gs.suffix.namer.by_name[name], lo, hi, fillers, alg.fresh)
+            fr = Fresh()
+            r = compare(_term_psums(term, fr), formula_psums(gs.readout, ctx, ref, fresh=fr), ctx, decay)
+            readout_checks.append((label, r))
+            # each side is an ordinary summary set in its own direction of time
+            for side, syn in ((PREFIX, gs.prefix), (SUFFIX, gs.suffix)):
+                update_checks += [(f"{label} {side} {name}", res) for name, res in _update_checks(syn)]
+                side_certs["combine"].append((f"{label} {side}", prove_combine(syn, part, decay)))
+                side_certs["associativity"].append((f"{label} {side}", prove_associativity(syn, part, decay)))
+                side_certs["scan"].append((f"{label} {side}", prove_scan(syn, part, decay)))
+    for label, r in readout_checks + update_checks:
+        if not r["holds"]:
+            failures.append(f"{label}: {r['mismatch']}")
+    certs = [Certificate("gradient streaming: readout at s = the term; one-token updates (every T)",
+                         "order types (weights on index tuples)", not failures,
+                         {"checked": len(readout_checks) + len(update_checks),
+                          "out_of_reach": out_of_reach,
+                          "order_types": sum(r["order_types"] for _, r in readout_checks + update_checks),
+                          "failures": failures[:10]}, part, decay, time.perf_counter() - t0)]
+    for kind, sel in side_certs.items():
+        bad = [f"{lbl}: {c.details.get('failures')}" for lbl, c in sel if not c.holds]
+        certs.append(Certificate(f"gradient {sel[0][1].identity}" if sel else f"gradient {kind}",
+                                 sel[0][1].method if sel else "", not bad,
+                                 {"summaries": len(sel), "failures": bad[:10]}, part, decay))
+    return certs

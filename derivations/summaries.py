@@ -251,11 +251,14 @@ class Namer:
 
 
 def _decompose(s: Summary, seg_of: dict[str, str], keep_end: set[str], namer: Namer,
-               token_seg: str | None) -> tuple:
+               token_seg: str | None, build=None) -> tuple:
     """Nest the chain of `s` into component refs given each var's segment.
 
     Vars whose segment is `token_seg` become Tok items (all equal the one token).
     `keep_end`: segments whose end is the end of `s` (their END relations survive).
+    `build(seg, slots, pairs, vars)` names a component's summary (default: the
+    summary with `s`'s decay, named by `namer`); the gradients use it for the
+    segments read backward in time.
     """
     rel = s.relations()
     vars_ = s.vars
@@ -311,8 +314,12 @@ def _decompose(s: Summary, seg_of: dict[str, str], keep_end: set[str], namer: Na
             if seg_of[comps[c][0]] in keep_end:
                 pairs += [(a, op, b) for (a, b), op in rel.items()
                           if (a in comp_vars and b == END) or (b in comp_vars and a == END)]
-            sub = make_summary(sub_slots, pairs, {v: s.c(v) for v in comp_vars})
-            items.append(Ref(seg_of[comps[c][0]], namer(sub), tuple(fillers)))
+            seg = seg_of[comps[c][0]]
+            if build is None:
+                name = namer(make_summary(sub_slots, pairs, {v: s.c(v) for v in comp_vars}))
+            else:
+                name = build(seg, sub_slots, pairs, comp_vars)
+            items.append(Ref(seg, name, tuple(fillers)))
             p = pos[-1] + 1
         return tuple(items)
 

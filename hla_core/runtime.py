@@ -89,20 +89,22 @@ class Spec:
         return out
 
 
-def _vec(name, q, k, v, be):
+def _vec(name, vecs, be):
     if name == "1":
-        return be.ones((q.shape[0], 1))
-    return {"q": q, "k": k, "v": v}[name]
+        return be.ones((vecs["q"].shape[0], 1))
+    return vecs[name]
 
 
-def masked_sum(spec: Spec, q, k, v, gamma, be: Backend, per_t: bool, t_vec: str | None = None):
+def masked_sum(spec: Spec, q, k, v, gamma, be: Backend, per_t: bool, t_vec: str | None = None,
+               vecs: dict | None = None):
     """Σ over index tuples of the segment (all of q, k, v) of γ-weighted chains.
 
     per_t: value at every prefix end t (leading axis T), else only at the end.
     t_vec: contract the leading row with that vector of token t (the output form).
     Holed specs give the dense map with axes (r0, c0, r1, c1, ...).
     """
-    n = q.shape[0]
+    vecs = vecs if vecs is not None else {"q": q, "k": k, "v": v}
+    n = vecs["q"].shape[0]
     m = spec.nvars
     idx = np.arange(n)
     shape = [n] * (m + 1)
@@ -139,18 +141,18 @@ def masked_sum(spec: Spec, q, k, v, gamma, be: Backend, per_t: bool, t_vec: str 
         if t_vec is not None and n_chunk == 0:
             if not per_t:
                 raise ValueError("t_vec needs per_t")
-            ops.append(_vec(t_vec, q, k, v, be) @ _vec(first[0], q, k, v, be).T)
+            ops.append(_vec(t_vec, vecs, be) @ _vec(first[0], vecs, be).T)
             subs.append("t" + vl[first[2]])
         else:
             r = next(letters)
-            ops.append(_vec(first[0], q, k, v, be))
+            ops.append(_vec(first[0], vecs, be))
             subs.append(vl[first[2]] + r)
             out += r
         for a, b in zip(chunk, chunk[1:]):
-            ops.append(_vec(a[1], q, k, v, be) @ _vec(b[0], q, k, v, be).T)
+            ops.append(_vec(a[1], vecs, be) @ _vec(b[0], vecs, be).T)
             subs.append(vl[a[2]] + vl[b[2]])
         c = next(letters)
-        ops.append(_vec(last[1], q, k, v, be))
+        ops.append(_vec(last[1], vecs, be))
         subs.append(vl[last[2]] + c)
         out += c
     expr = ",".join(subs) + "->" + out
@@ -216,27 +218,129 @@ def grad_masked_sum(spec: GradSpec, vecs: dict, gamma, be: Backend):
     return np.einsum(expr, *ops, optimize="greedy")
 
 
-def vjp_quadratic(mod, q, k, v, do, g, normalize, eps, be: Backend):
-    """(dq, dk, dv) from the derived gradient terms, each summed over all index tuples."""
-    parts = {"num": mod.NUM}
-    o_num = masked_sum(mod.NUM["top"], q, k, v, g, be, per_t=True, t_vec=mod.T_VEC)
-    if normalize:
-        o_den = masked_sum(mod.DEN["top"], q, k, v, g, be, per_t=True, t_vec=mod.T_VEC)
-        den = o_den + be.scalar(eps)                 # (T, 1)
-        cot = {"num": do / den,                      # quotient rule: ∂o/∂N = 1/(D + ε)
-               "den": -np.sum(do * (o_num / den), axis=1, keepdims=True) / den}
-        parts["den"] = mod.DEN
-    else:
-        cot = {"num": do}
+@dataclass(frozen=True)
+class GradStream:
+    """A gradient term's streaming form (generated): `prefix` and `suffix` sides, each
+    {'state', 'carry', 'factors', 'local', 'specs', 'update', 'combine'} like a forward
+    part; the suffix side reads the sequence from T down to 1. At token s the term is
+    lead_sᵀ · readout(prefix state of 1..s, suffix state of s+1..T, γ)."""
+    lead: str
+    prefix: dict
+    suffix: dict
+    readout: object
+
+
+@dataclass(frozen=True)
+class OutOfReachStream:
+    """A gradient term whose two-sided streaming form the engine cannot synthesize."""
+    reason: str
+
+
+def _cotangents(mod, q, k, v, do, g, normalize, eps, be, o_num, o_den):
+    """Per part, the cotangent its gradient terms take (quotient rule when normalized)."""
+    if not normalize:
+        return {"num": do}
+    den = o_den + be.scalar(eps)                     # (T, 1)
+    return {"num": do / den,                         # ∂o/∂N = 1/(D + ε)
+            "den": -np.sum(do * (o_num / den), axis=1, keepdims=True) / den}   # ∂o/∂D
+
+
+def _vjp(mod, q, k, v, do, g, normalize, eps, be, term_sum, forward):
+    """Σ over parts and gradient terms; `term_sum(part, wrt, vecs)` sums one vector's terms."""
+    o_num, o_den = forward
+    cot = _cotangents(mod, q, k, v, do, g, normalize, eps, be, o_num, o_den)
+    parts = {"num": mod.NUM, **({"den": mod.DEN} if normalize else {})}
     out = []
     for wrt, x in (("q", q), ("k", k), ("v", v)):
         acc = be.zeros(x.shape)
         for key, part in parts.items():
             vecs = {"q": q, "k": k, "v": v, "o": cot[key], "1": be.ones((q.shape[0], 1))}
-            for spec in part["grads"][wrt]:
-                acc = acc + grad_masked_sum(spec, vecs, g, be)
+            acc = acc + term_sum(part, wrt, vecs)
         out.append(acc)
     return tuple(out)
+
+
+def vjp_quadratic(mod, q, k, v, do, g, normalize, eps, be: Backend):
+    """(dq, dk, dv) from the derived gradient terms, each summed over all index tuples."""
+    o_num = masked_sum(mod.NUM["top"], q, k, v, g, be, per_t=True, t_vec=mod.T_VEC)
+    o_den = masked_sum(mod.DEN["top"], q, k, v, g, be, per_t=True, t_vec=mod.T_VEC) if normalize else None
+
+    def term_sum(part, wrt, vecs):
+        acc = be.zeros(vecs[wrt].shape)
+        for spec in part["grads"][wrt]:
+            acc = acc + grad_masked_sum(spec, vecs, g, be)
+        return acc
+    return _vjp(mod, q, k, v, do, g, normalize, eps, be, term_sum, (o_num, o_den))
+
+
+def _side_states_recurrent(side, vecs, g, be, dims, order):
+    """The side's streaming state after each token, visiting tokens in `order`."""
+    state = {n: be.zeros(s) for n, s in _resolve(side["state"], **dims).items()}
+    out = {}
+    for s in order:
+        state = side["update"](state, token_factors(side["factors"], vecs, s, be), g)
+        out[s] = state
+    return out, {n: be.zeros(s) for n, s in _resolve(side["state"], **dims).items()}
+
+
+def _side_states_chunked(side, vecs, g, be, dims, chunk_size, reverse):
+    """The side's state after each token by an exclusive scan over chunks with ⊕ and local
+    inclusion (as the forward chunked form); `reverse` reads the sequence from T down."""
+    T = vecs["q"].shape[0]
+    if reverse:
+        vecs = {n: x[::-1] for n, x in vecs.items()}
+    carry = {n: be.zeros(s) for n, s in _resolve(side["carry"], **dims).items()}
+    out = {}
+    for lo in range(0, T, chunk_size):
+        hi = min(T, lo + chunk_size)
+        n = hi - lo
+        local = {name: masked_sum(side["specs"][name], None, None, None, g, be, per_t=True,
+                                  vecs={x: y[lo:hi] for x, y in vecs.items()}) for name in side["local"]}
+        rho = np.array([g ** (j + 1) for j in range(n)], dtype=object if be.exact else np.float64)
+        inclusive = side["combine"](carry, local, rho.reshape(n, 1, 1))
+        for j in range(n):
+            out[(T - 1 - (lo + j)) if reverse else lo + j] = {name: val[j] for name, val in inclusive.items()}
+        carry = side["combine"](carry, {name: val[-1] for name, val in local.items()}, g ** n)
+    return out, {n: be.zeros(s) for n, s in _resolve(side["carry"], **dims).items()}
+
+
+def vjp_streaming(mod, q, k, v, do, g, normalize, eps, chunk_size, be: Backend, chunked: bool):
+    """(dq, dk, dv) from the gradient terms' streaming forms: each term's prefix states
+    (forward in time) and suffix states (backward in time) met at every token."""
+    T, d, dv = q.shape[0], q.shape[1], v.shape[1]
+    forward = _recurrent(mod, q, k, v, g, False, eps, chunk_size, None, be)[0], None
+    if normalize:
+        forward = forward[0], _recurrent_part(mod, "DEN", q, k, v, g, be)
+
+    def term_sum(part, wrt, vecs):
+        dims = dict(d=d, dv=dv, do=vecs["o"].shape[1])
+        acc = be.zeros(vecs[wrt].shape)
+        for gs in part["grad_streams"][wrt]:
+            if isinstance(gs, OutOfReachStream):
+                raise NotImplementedError(f"form: a gradient term of this operator has no streaming "
+                                          f"form ({gs.reason}); use form='quadratic'")
+            if chunked:
+                pre, _ = _side_states_chunked(gs.prefix, vecs, g, be, dims, chunk_size, reverse=False)
+                suf, empty = _side_states_chunked(gs.suffix, vecs, g, be, dims, chunk_size, reverse=True)
+            else:
+                pre, _ = _side_states_recurrent(gs.prefix, vecs, g, be, dims, range(T))
+                suf, empty = _side_states_recurrent(gs.suffix, vecs, g, be, dims, range(T - 1, -1, -1))
+            rows = [vecs[gs.lead][s] @ gs.readout(pre[s], suf.get(s + 1, empty), g) for s in range(T)]
+            acc = acc + np.stack(rows)
+        return acc
+    return _vjp(mod, q, k, v, do, g, normalize, eps, be, term_sum, forward)
+
+
+def _recurrent_part(mod, which, q, k, v, g, be):
+    """One part's unnormalized readout (N or D) by the serial recurrence."""
+    part = getattr(mod, which)
+    state = {n: be.zeros(s) for n, s in state_shapes(part, q.shape[1], v.shape[1]).items()}
+    tv = {"q": q, "k": k}[mod.T_VEC]
+    out = []
+    for t in range(q.shape[0]):
+        state = part["update"](state, token_factors(part["factors"], {"q": q, "k": k, "v": v}, t, be), g)
+        out.append(tv[t] @ part["readout"](state))
+    return np.stack(out)
 
 
 def vjp(mod, q, k, v, do, *, form="quadratic", gamma=1.0, normalize=False, eps=1e-6,
@@ -246,14 +350,13 @@ def vjp(mod, q, k, v, do, *, form="quadratic", gamma=1.0, normalize=False, eps=1
     q, k, v = V.check_qkv(q, k, v)
     do = V.check_cotangent(do, (q.shape[0], v.shape[1]))
     V.check_gamma(gamma, mod.HAS_DECAY)
-    if form != "quadratic":
-        raise NotImplementedError(
-            f"form: the {form} VJP (streaming states of the gradient terms) is not derived yet; "
-            "use form='quadratic'")
     be = Backend(backend, dps)
     with be.context():
         arr = [be.array(x) for x in (q, k, v, do)]
-        return vjp_quadratic(mod, *arr, be.scalar(gamma), normalize, eps, be)
+        if form == "quadratic":
+            return vjp_quadratic(mod, *arr, be.scalar(gamma), normalize, eps, be)
+        return vjp_streaming(mod, *arr, be.scalar(gamma), normalize, eps, chunk_size, be,
+                             chunked=form == "chunked")
 
 
 def apply(M, fillers, breaks):
@@ -311,11 +414,12 @@ def scale(c, x, rank):
     return c * x
 
 
-def token_factors(names, q, k, v, t, be):
+def token_factors(names, vecs: dict, t, be):
+    """{factor: x_t y_tᵀ} of token t; `vecs` maps the letters (q, k, v, o) to (T, dim)."""
     out = {}
     for f in names:
-        a = _vec(f[0], q, k, v, be)[t]
-        b = _vec(f[1], q, k, v, be)[t]
+        a = _vec(f[0], vecs, be)[t]
+        b = _vec(f[1], vecs, be)[t]
         out[f] = np.multiply.outer(a, b)
     return out
 
@@ -323,9 +427,9 @@ def token_factors(names, q, k, v, t, be):
 # ---------------------------------------------------------------------------
 # Drivers
 
-def _resolve(shapes: dict, d, dv) -> dict:
-    """{name: ('d', 'dv', ...)} -> {name: (d, dv, ...)}."""
-    dims = {"d": d, "dv": dv, "1": 1}
+def _resolve(shapes: dict, d, dv, do=None) -> dict:
+    """{name: ('d', 'dv', ...)} -> {name: (d, dv, ...)}; 'do' is the cotangent's width."""
+    dims = {"d": d, "dv": dv, "1": 1, "do": do}
     return {name: tuple(dims[x] for x in shp) for name, shp in shapes.items()}
 
 
@@ -398,7 +502,7 @@ def _recurrent(mod, q, k, v, g, normalize, eps, chunk_size, initial_state, be):
     for t in range(T):
         new = {}
         for key, part in parts:
-            F = token_factors(part["factors"], q, k, v, t, be)
+            F = token_factors(part["factors"], {"q": q, "k": k, "v": v}, t, be)
             new.update(part["update"](state, F, g))
         state = new
         for key, part in parts:

@@ -226,27 +226,6 @@ def test_reference_rejects_bad_form_and_backend():
 
 # --- the paper's verdicts ------------------------------------------------------------
 
-REQUIRED = ["thm3.1-identity", "thm3.1-updates", "sec4.1-monoid", "eq4.1-assoc", "eq4.1-scan",
-            "sec4.2-decay-unmasked", "sec4.2-decay-masked-assoc", "thm4.1-decay-scan",
-            "sec4.3-decay-masked-operator", "alg1", "thm6.1-identity", "thm6.1-updates",
-            "sec6.1-decay-updates", "eq6.2-assoc", "eq6.2-scan", "sec6.2-decay-concat", "alg2",
-            "thm7.1-identity", "thm7.1-updates", "eq7.5-recurrence", "thm7.2-assoc", "thm7.2-scan",
-            "alg3", "alg4"]
-
-
-def test_every_claim_has_a_backed_verdict():
-    claims = {c["id"]: c for c in json.loads((ROOT / "docs" / "paper_claims.json").read_text())}
-    assert set(REQUIRED) <= set(claims)
-    for cid in REQUIRED:
-        c = claims[cid]
-        assert c["verdict"] in ("holds", "fails")
-        if c["verdict"] == "fails":
-            cex = c["counterexample"]
-            assert {"T", "d", "dv", "q", "k", "v"} <= set(cex), cid
-        else:
-            assert c["counterexample"] is None and c["certificate"], cid
-
-
 def test_failed_claim_counterexample_recomputes():
     """sec4.3: recompute the paper's decayed recurrence by hand on the stored inputs."""
     c = {c["id"]: c for c in json.loads((ROOT / "docs" / "paper_claims.json").read_text())}[

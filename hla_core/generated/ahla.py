@@ -45,6 +45,106 @@ def _num_combine_scan(A, B, rB):
     }
 
 
+def _num_dq1_P_update(S, F, g):
+    return {"VK_QK": (g) * S["VK_QK"] + (g) * (S["VK"] @ F["qk"]) + (F["vk"] @ F["qk"]), "VK": (g) * S["VK"] + F["vk"], }
+
+
+def _num_dq1_P_combine(A, B, rB):
+    return {"VK_QK": (rB) * A["VK_QK"] + (rB) * (A["VK"] @ B["QK"]) + B["VK_QK"], "VK": (rB) * A["VK"] + B["VK"], }
+
+
+def _num_dq1_F_update(S, F, g):
+    return {}
+
+
+def _num_dq1_F_combine(A, B, rB):
+    return {}
+
+
+def _num_dq1_readout(S, U, g):
+    return S["VK_QK"]
+
+
+def _num_dq2_P_update(S, F, g):
+    return {"QO_VK": (g) * (F["qo"] @ S["VK"]) + (F["qo"] @ F["vk"]), "VK": (g) * S["VK"] + F["vk"], }
+
+
+def _num_dq2_P_combine(A, B, rB):
+    return {"QO_VK": (rB) * (B["QO"] @ A["VK"]) + B["QO_VK"], "VK": (rB) * A["VK"] + B["VK"], }
+
+
+def _num_dq2_F_update(S, F, g):
+    return {"QO": (g) * S["QO"] + F["qo"], }
+
+
+def _num_dq2_F_combine(A, B, rB):
+    return {"QO": (rB) * A["QO"] + B["QO"], }
+
+
+def _num_dq2_readout(S, U, g):
+    return S["QO_VK"] + (g) * (U["QO"] @ S["VK"])
+
+
+def _num_dk1_P_update(S, F, g):
+    return {"KV_OQ": (g) * (S["KV"] @ F["oq"]) + (F["kv"] @ F["oq"]), "KV": (g) * S["KV"] + F["kv"], }
+
+
+def _num_dk1_P_combine(A, B, rB):
+    return {"KV_OQ": (rB) * (A["KV"] @ B["OQ"]) + B["KV_OQ"], "KV": (rB) * A["KV"] + B["KV"], }
+
+
+def _num_dk1_F_update(S, F, g):
+    return {"OQ": (g) * S["OQ"] + F["oq"], }
+
+
+def _num_dk1_F_combine(A, B, rB):
+    return {"OQ": (rB) * A["OQ"] + B["OQ"], }
+
+
+def _num_dk1_readout(S, U, g):
+    return S["KV_OQ"] + (g) * (S["KV"] @ U["OQ"])
+
+
+def _num_dk2_P_update(S, F, g):
+    return {"OQ_KQ": (F["oq"] @ F["kq"]), "KQ": F["kq"], }
+
+
+def _num_dk2_P_combine(A, B, rB):
+    return {"OQ_KQ": B["OQ_KQ"], "KQ": B["KQ"], }
+
+
+def _num_dk2_F_update(S, F, g):
+    return {"OQ": (g) * S["OQ"] + F["oq"], "OQ_KQ": (g) * S["OQ_KQ"] + (g) * (S["OQ"] @ F["kq"]) + (F["oq"] @ F["kq"]), }
+
+
+def _num_dk2_F_combine(A, B, rB):
+    return {"OQ": (rB) * A["OQ"] + B["OQ"], "OQ_KQ": (rB) * A["OQ_KQ"] + (rB) * (A["OQ"] @ B["KQ"]) + B["OQ_KQ"], }
+
+
+def _num_dk2_readout(S, U, g):
+    return S["OQ_KQ"] + (g) * (U["OQ"] @ S["KQ"]) + (g) * U["OQ_KQ"]
+
+
+def _num_dv1_P_update(S, F, g):
+    return {"QK_QO": (F["qk"] @ F["qo"]), "QK": F["qk"], }
+
+
+def _num_dv1_P_combine(A, B, rB):
+    return {"QK_QO": B["QK_QO"], "QK": B["QK"], }
+
+
+def _num_dv1_F_update(S, F, g):
+    return {"QO": (g) * S["QO"] + F["qo"], "QK_QO": (g) * S["QK_QO"] + (g) * (F["qk"] @ S["QO"]) + (F["qk"] @ F["qo"]), }
+
+
+def _num_dv1_F_combine(A, B, rB):
+    return {"QO": (rB) * A["QO"] + B["QO"], "QK_QO": (rB) * A["QK_QO"] + (rB) * (B["QK"] @ A["QO"]) + B["QK_QO"], }
+
+
+def _num_dv1_readout(S, U, g):
+    return S["QK_QO"] + (g) * (S["QK"] @ U["QO"]) + (g) * U["QK_QO"]
+
+
 NUM = {
     "pattern": 'dot(q_t,k_i) * dot(q_i,k_j) * v_j',
     "state": {'KQ_KV': ('d', 'dv'), 'KV': ('d', 'dv')},
@@ -74,6 +174,19 @@ NUM = {
         ),
         "v": (
             R.GradSpec(lead='k', slots=(('q', 'k', 1), ('q', 'o', 2)), rels=((0, '<=', 1), (1, '<=', 2), (0, '<=', 2)), expo=((0, Fraction('-1')), (2, Fraction('1'))), nvars=3),  # v_j as the right vector of slot 2 (k_j v_jᵀ)
+        ),
+    },
+    "grad_streams": {
+        "q": (
+            R.GradStream(lead='o', prefix={"state": {'VK_QK': ('dv', 'd'), 'VK': ('dv', 'd')}, "carry": {'VK_QK': ('dv', 'd'), 'VK': ('dv', 'd')}, "factors": ('qk', 'vk'), "local": ('QK', 'VK_QK', 'VK'), "specs": {'QK': R.Spec(slots=(('q', 'k', 0),), rels=(), decay=()), 'VK_QK': R.Spec(slots=(('v', 'k', 0), ('q', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('1')),)), 'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq1_P_update, "combine": _num_dq1_P_combine}, suffix={"state": {}, "carry": {}, "factors": (), "local": (), "specs": {}, "update": _num_dq1_F_update, "combine": _num_dq1_F_combine}, readout=_num_dq1_readout),
+            R.GradStream(lead='k', prefix={"state": {'QO_VK': ('d', 'd'), 'VK': ('dv', 'd')}, "carry": {'QO_VK': ('d', 'd'), 'VK': ('dv', 'd')}, "factors": ('qo', 'vk'), "local": ('QO', 'QO_VK', 'VK'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'QO_VK': R.Spec(slots=(('q', 'o', 0), ('v', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq2_P_update, "combine": _num_dq2_P_combine}, suffix={"state": {'QO': ('d', 'do')}, "carry": {'QO': ('d', 'do')}, "factors": ('qo',), "local": ('QO',), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq2_F_update, "combine": _num_dq2_F_combine}, readout=_num_dq2_readout),
+        ),
+        "k": (
+            R.GradStream(lead='q', prefix={"state": {'KV_OQ': ('d', 'd'), 'KV': ('d', 'dv')}, "carry": {'KV_OQ': ('d', 'd'), 'KV': ('d', 'dv')}, "factors": ('kv', 'oq'), "local": ('OQ', 'KV_OQ', 'KV'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'KV_OQ': R.Spec(slots=(('k', 'v', 0), ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'KV': R.Spec(slots=(('k', 'v', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dk1_P_update, "combine": _num_dk1_P_combine}, suffix={"state": {'OQ': ('do', 'd')}, "carry": {'OQ': ('do', 'd')}, "factors": ('oq',), "local": ('OQ',), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dk1_F_update, "combine": _num_dk1_F_combine}, readout=_num_dk1_readout),
+            R.GradStream(lead='v', prefix={"state": {'OQ_KQ': ('do', 'd'), 'KQ': ('d', 'd')}, "carry": {'OQ_KQ': ('do', 'd'), 'KQ': ('d', 'd')}, "factors": ('kq', 'oq'), "local": ('OQ_KQ', 'KQ'), "specs": {'OQ_KQ': R.Spec(slots=(('o', 'q', 0), ('k', 'q', 1)), rels=(('end', '<=', 0), ('end', '<=', 1), (0, '<=', 1), (1, '<=', 0)), decay=()), 'KQ': R.Spec(slots=(('k', 'q', 0),), rels=(('end', '<=', 0),), decay=())}, "update": _num_dk2_P_update, "combine": _num_dk2_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'OQ_KQ': ('do', 'd')}, "carry": {'OQ': ('do', 'd'), 'OQ_KQ': ('do', 'd')}, "factors": ('kq', 'oq'), "local": ('OQ', 'KQ', 'OQ_KQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'KQ': R.Spec(slots=(('k', 'q', 0),), rels=(), decay=()), 'OQ_KQ': R.Spec(slots=(('o', 'q', 0), ('k', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('1')),))}, "update": _num_dk2_F_update, "combine": _num_dk2_F_combine}, readout=_num_dk2_readout),
+        ),
+        "v": (
+            R.GradStream(lead='k', prefix={"state": {'QK_QO': ('d', 'do'), 'QK': ('d', 'd')}, "carry": {'QK_QO': ('d', 'do'), 'QK': ('d', 'd')}, "factors": ('qk', 'qo'), "local": ('QK_QO', 'QK'), "specs": {'QK_QO': R.Spec(slots=(('q', 'k', 0), ('q', 'o', 1)), rels=(('end', '<=', 0), ('end', '<=', 1), (0, '<=', 1), (1, '<=', 0)), decay=()), 'QK': R.Spec(slots=(('q', 'k', 0),), rels=(('end', '<=', 0),), decay=())}, "update": _num_dv1_P_update, "combine": _num_dv1_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'QK_QO': ('d', 'do')}, "carry": {'QO': ('d', 'do'), 'QK_QO': ('d', 'do')}, "factors": ('qk', 'qo'), "local": ('QO', 'QK', 'QK_QO'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('1')),)), 'QK': R.Spec(slots=(('q', 'k', 0),), rels=(), decay=()), 'QK_QO': R.Spec(slots=(('q', 'k', 0), ('q', 'o', 1)), rels=((1, '<=', 0),), decay=((1, Fraction('1')),))}, "update": _num_dv1_F_update, "combine": _num_dv1_F_combine}, readout=_num_dv1_readout),
         ),
     },
 }
@@ -106,6 +219,86 @@ def _den_combine_scan(A, B, rB):
     }
 
 
+def _den_dq1_P_update(S, F, g):
+    return {"1K_QK": (g) * S["1K_QK"] + (g) * (S["1K"] @ F["qk"]) + (F["1k"] @ F["qk"]), "1K": (g) * S["1K"] + F["1k"], }
+
+
+def _den_dq1_P_combine(A, B, rB):
+    return {"1K_QK": (rB) * A["1K_QK"] + (rB) * (A["1K"] @ B["QK"]) + B["1K_QK"], "1K": (rB) * A["1K"] + B["1K"], }
+
+
+def _den_dq1_F_update(S, F, g):
+    return {}
+
+
+def _den_dq1_F_combine(A, B, rB):
+    return {}
+
+
+def _den_dq1_readout(S, U, g):
+    return S["1K_QK"]
+
+
+def _den_dq2_P_update(S, F, g):
+    return {"QO_1K": (g) * (F["qo"] @ S["1K"]) + (F["qo"] @ F["1k"]), "1K": (g) * S["1K"] + F["1k"], }
+
+
+def _den_dq2_P_combine(A, B, rB):
+    return {"QO_1K": (rB) * (B["QO"] @ A["1K"]) + B["QO_1K"], "1K": (rB) * A["1K"] + B["1K"], }
+
+
+def _den_dq2_F_update(S, F, g):
+    return {"QO": (g) * S["QO"] + F["qo"], }
+
+
+def _den_dq2_F_combine(A, B, rB):
+    return {"QO": (rB) * A["QO"] + B["QO"], }
+
+
+def _den_dq2_readout(S, U, g):
+    return S["QO_1K"] + (g) * (U["QO"] @ S["1K"])
+
+
+def _den_dk1_P_update(S, F, g):
+    return {"K1_OQ": (g) * (S["K1"] @ F["oq"]) + (F["k1"] @ F["oq"]), "K1": (g) * S["K1"] + F["k1"], }
+
+
+def _den_dk1_P_combine(A, B, rB):
+    return {"K1_OQ": (rB) * (A["K1"] @ B["OQ"]) + B["K1_OQ"], "K1": (rB) * A["K1"] + B["K1"], }
+
+
+def _den_dk1_F_update(S, F, g):
+    return {"OQ": (g) * S["OQ"] + F["oq"], }
+
+
+def _den_dk1_F_combine(A, B, rB):
+    return {"OQ": (rB) * A["OQ"] + B["OQ"], }
+
+
+def _den_dk1_readout(S, U, g):
+    return S["K1_OQ"] + (g) * (S["K1"] @ U["OQ"])
+
+
+def _den_dk2_P_update(S, F, g):
+    return {"OQ_KQ": (F["oq"] @ F["kq"]), "KQ": F["kq"], }
+
+
+def _den_dk2_P_combine(A, B, rB):
+    return {"OQ_KQ": B["OQ_KQ"], "KQ": B["KQ"], }
+
+
+def _den_dk2_F_update(S, F, g):
+    return {"OQ": (g) * S["OQ"] + F["oq"], "OQ_KQ": (g) * S["OQ_KQ"] + (g) * (S["OQ"] @ F["kq"]) + (F["oq"] @ F["kq"]), }
+
+
+def _den_dk2_F_combine(A, B, rB):
+    return {"OQ": (rB) * A["OQ"] + B["OQ"], "OQ_KQ": (rB) * A["OQ_KQ"] + (rB) * (A["OQ"] @ B["KQ"]) + B["OQ_KQ"], }
+
+
+def _den_dk2_readout(S, U, g):
+    return S["OQ_KQ"] + (g) * (U["OQ"] @ S["KQ"]) + (g) * U["OQ_KQ"]
+
+
 DEN = {
     "pattern": 'dot(q_t,k_i) * dot(q_i,k_j) * 1_j',
     "state": {'KQ_K1': ('d', '1'), 'K1': ('d', '1')},
@@ -132,6 +325,18 @@ DEN = {
         "k": (
             R.GradSpec(lead='q', slots=(('k', '1', 1), ('o', 'q', 2)), rels=((1, '<=', 0), (0, '<=', 2), (1, '<=', 2)), expo=((1, Fraction('-1')), (2, Fraction('1'))), nvars=3),  # k_i as the left vector of slot 1 (k_i q_iᵀ)
             R.GradSpec(lead='1', slots=(('o', 'q', 1), ('k', 'q', 2)), rels=((0, '<=', 2), (2, '<=', 1), (0, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('1'))), nvars=3),  # k_j as the left vector of slot 2 (k_j 1_jᵀ)
+        ),
+        "v": (
+        ),
+    },
+    "grad_streams": {
+        "q": (
+            R.GradStream(lead='o', prefix={"state": {'1K_QK': ('1', 'd'), '1K': ('1', 'd')}, "carry": {'1K_QK': ('1', 'd'), '1K': ('1', 'd')}, "factors": ('1k', 'qk'), "local": ('QK', '1K_QK', '1K'), "specs": {'QK': R.Spec(slots=(('q', 'k', 0),), rels=(), decay=()), '1K_QK': R.Spec(slots=(('1', 'k', 0), ('q', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('1')),)), '1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq1_P_update, "combine": _den_dq1_P_combine}, suffix={"state": {}, "carry": {}, "factors": (), "local": (), "specs": {}, "update": _den_dq1_F_update, "combine": _den_dq1_F_combine}, readout=_den_dq1_readout),
+            R.GradStream(lead='k', prefix={"state": {'QO_1K': ('d', 'd'), '1K': ('1', 'd')}, "carry": {'QO_1K': ('d', 'd'), '1K': ('1', 'd')}, "factors": ('1k', 'qo'), "local": ('QO', 'QO_1K', '1K'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'QO_1K': R.Spec(slots=(('q', 'o', 0), ('1', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), '1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq2_P_update, "combine": _den_dq2_P_combine}, suffix={"state": {'QO': ('d', 'do')}, "carry": {'QO': ('d', 'do')}, "factors": ('qo',), "local": ('QO',), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq2_F_update, "combine": _den_dq2_F_combine}, readout=_den_dq2_readout),
+        ),
+        "k": (
+            R.GradStream(lead='q', prefix={"state": {'K1_OQ': ('d', 'd'), 'K1': ('d', '1')}, "carry": {'K1_OQ': ('d', 'd'), 'K1': ('d', '1')}, "factors": ('k1', 'oq'), "local": ('OQ', 'K1_OQ', 'K1'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'K1_OQ': R.Spec(slots=(('k', '1', 0), ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'K1': R.Spec(slots=(('k', '1', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dk1_P_update, "combine": _den_dk1_P_combine}, suffix={"state": {'OQ': ('do', 'd')}, "carry": {'OQ': ('do', 'd')}, "factors": ('oq',), "local": ('OQ',), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dk1_F_update, "combine": _den_dk1_F_combine}, readout=_den_dk1_readout),
+            R.GradStream(lead='1', prefix={"state": {'OQ_KQ': ('do', 'd'), 'KQ': ('d', 'd')}, "carry": {'OQ_KQ': ('do', 'd'), 'KQ': ('d', 'd')}, "factors": ('kq', 'oq'), "local": ('OQ_KQ', 'KQ'), "specs": {'OQ_KQ': R.Spec(slots=(('o', 'q', 0), ('k', 'q', 1)), rels=(('end', '<=', 0), ('end', '<=', 1), (0, '<=', 1), (1, '<=', 0)), decay=()), 'KQ': R.Spec(slots=(('k', 'q', 0),), rels=(('end', '<=', 0),), decay=())}, "update": _den_dk2_P_update, "combine": _den_dk2_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'OQ_KQ': ('do', 'd')}, "carry": {'OQ': ('do', 'd'), 'OQ_KQ': ('do', 'd')}, "factors": ('kq', 'oq'), "local": ('OQ', 'KQ', 'OQ_KQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'KQ': R.Spec(slots=(('k', 'q', 0),), rels=(), decay=()), 'OQ_KQ': R.Spec(slots=(('o', 'q', 0), ('k', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('1')),))}, "update": _den_dk2_F_update, "combine": _den_dk2_F_combine}, readout=_den_dk2_readout),
         ),
         "v": (
         ),

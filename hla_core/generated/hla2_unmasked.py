@@ -44,6 +44,106 @@ def _num_combine_scan(A, B, rB):
     }
 
 
+def _num_dq1_P_update(S, F, g):
+    return {"VQ": (g) * S["VQ"] + F["vq"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _num_dq1_P_combine(A, B, rB):
+    return {"VQ": (rB) * A["VQ"] + B["VQ"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _num_dq1_F_update(S, F, g):
+    return {}
+
+
+def _num_dq1_F_combine(A, B, rB):
+    return {}
+
+
+def _num_dq1_readout(S, U, g):
+    return (S["VQ"] @ S["KK"])
+
+
+def _num_dq2_P_update(S, F, g):
+    return {"OQ_KK": (g) * (F["oq"] @ S["KK"]) + (F["oq"] @ F["kk"]), "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _num_dq2_P_combine(A, B, rB):
+    return {"OQ_KK": (rB) * (B["OQ"] @ A["KK"]) + B["OQ_KK"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _num_dq2_F_update(S, F, g):
+    return {"OQ": (g**2) * S["OQ"] + F["oq"], "OQ_KK": (g) * S["OQ_KK"] + (g**2) * (S["OQ"] @ F["kk"]) + (F["oq"] @ F["kk"]), }
+
+
+def _num_dq2_F_combine(A, B, rB):
+    return {"OQ": (rB**2) * A["OQ"] + B["OQ"], "OQ_KK": (rB) * A["OQ_KK"] + (rB**2) * (A["OQ"] @ B["KK"]) + B["OQ_KK"], }
+
+
+def _num_dq2_readout(S, U, g):
+    return S["OQ_KK"] + (g**2) * (U["OQ"] @ S["KK"]) + (g) * U["OQ_KK"]
+
+
+def _num_dk1_P_update(S, F, g):
+    return {"QV_OQ": (g) * (S["QV"] @ F["oq"]) + (F["qv"] @ F["oq"]), "QV": (g) * S["QV"] + F["qv"], }
+
+
+def _num_dk1_P_combine(A, B, rB):
+    return {"QV_OQ": (rB) * (A["QV"] @ B["OQ"]) + B["QV_OQ"], "QV": (rB) * A["QV"] + B["QV"], }
+
+
+def _num_dk1_F_update(S, F, g):
+    return {"OQ": (g**2) * S["OQ"] + F["oq"], "QV_OQ": (g) * S["QV_OQ"] + (g**2) * (F["qv"] @ S["OQ"]) + (F["qv"] @ F["oq"]), }
+
+
+def _num_dk1_F_combine(A, B, rB):
+    return {"OQ": (rB**2) * A["OQ"] + B["OQ"], "QV_OQ": (rB) * A["QV_OQ"] + (rB**2) * (B["QV"] @ A["OQ"]) + B["QV_OQ"], }
+
+
+def _num_dk1_readout(S, U, g):
+    return S["QV_OQ"] + (g**2) * (S["QV"] @ U["OQ"]) + (g) * U["QV_OQ"]
+
+
+def _num_dk2_P_update(S, F, g):
+    return {"QO_VQ": (g) * (F["qo"] @ S["VQ"]) + (F["qo"] @ F["vq"]), "VQ": (g) * S["VQ"] + F["vq"], }
+
+
+def _num_dk2_P_combine(A, B, rB):
+    return {"QO_VQ": (rB) * (B["QO"] @ A["VQ"]) + B["QO_VQ"], "VQ": (rB) * A["VQ"] + B["VQ"], }
+
+
+def _num_dk2_F_update(S, F, g):
+    return {"QO": (g**2) * S["QO"] + F["qo"], "QO_VQ": (g) * S["QO_VQ"] + (g**2) * (S["QO"] @ F["vq"]) + (F["qo"] @ F["vq"]), }
+
+
+def _num_dk2_F_combine(A, B, rB):
+    return {"QO": (rB**2) * A["QO"] + B["QO"], "QO_VQ": (rB) * A["QO_VQ"] + (rB**2) * (A["QO"] @ B["VQ"]) + B["QO_VQ"], }
+
+
+def _num_dk2_readout(S, U, g):
+    return S["QO_VQ"] + (g**2) * (U["QO"] @ S["VQ"]) + (g) * U["QO_VQ"]
+
+
+def _num_dv1_P_update(S, F, g):
+    return {"KK_QO": (g) * (S["KK"] @ F["qo"]) + (F["kk"] @ F["qo"]), "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _num_dv1_P_combine(A, B, rB):
+    return {"KK_QO": (rB) * (A["KK"] @ B["QO"]) + B["KK_QO"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _num_dv1_F_update(S, F, g):
+    return {"QO": (g**2) * S["QO"] + F["qo"], "KK_QO": (g) * S["KK_QO"] + (g**2) * (F["kk"] @ S["QO"]) + (F["kk"] @ F["qo"]), }
+
+
+def _num_dv1_F_combine(A, B, rB):
+    return {"QO": (rB**2) * A["QO"] + B["QO"], "KK_QO": (rB) * A["KK_QO"] + (rB**2) * (B["KK"] @ A["QO"]) + B["KK_QO"], }
+
+
+def _num_dv1_readout(S, U, g):
+    return S["KK_QO"] + (g**2) * (S["KK"] @ U["QO"]) + (g) * U["KK_QO"]
+
+
 NUM = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_j) * v_j',
     "state": {'KK': ('d', 'd'), 'QV': ('d', 'dv')},
@@ -72,6 +172,19 @@ NUM = {
         ),
         "v": (
             R.GradSpec(lead='q', slots=(('k', 'k', 1), ('q', 'o', 2)), rels=((1, '<=', 2), (0, '<=', 2)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('2'))), nvars=3),  # v_j as the right vector of slot 2 (q_j v_jᵀ)
+        ),
+    },
+    "grad_streams": {
+        "q": (
+            R.GradStream(lead='o', prefix={"state": {'VQ': ('dv', 'd'), 'KK': ('d', 'd')}, "carry": {'VQ': ('dv', 'd'), 'KK': ('d', 'd')}, "factors": ('kk', 'vq'), "local": ('VQ', 'KK'), "specs": {'VQ': R.Spec(slots=(('v', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq1_P_update, "combine": _num_dq1_P_combine}, suffix={"state": {}, "carry": {}, "factors": (), "local": (), "specs": {}, "update": _num_dq1_F_update, "combine": _num_dq1_F_combine}, readout=_num_dq1_readout),
+            R.GradStream(lead='v', prefix={"state": {'OQ_KK': ('do', 'd'), 'KK': ('d', 'd')}, "carry": {'OQ_KK': ('do', 'd'), 'KK': ('d', 'd')}, "factors": ('kk', 'oq'), "local": ('OQ', 'OQ_KK', 'KK'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq2_P_update, "combine": _num_dq2_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'OQ_KK': ('do', 'd')}, "carry": {'OQ': ('do', 'd'), 'OQ_KK': ('do', 'd')}, "factors": ('kk', 'oq'), "local": ('OQ', 'KK', 'OQ_KK'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('2')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('2')), (1, Fraction('-1'))))}, "update": _num_dq2_F_update, "combine": _num_dq2_F_combine}, readout=_num_dq2_readout),
+        ),
+        "k": (
+            R.GradStream(lead='k', prefix={"state": {'QV_OQ': ('d', 'd'), 'QV': ('d', 'dv')}, "carry": {'QV_OQ': ('d', 'd'), 'QV': ('d', 'dv')}, "factors": ('oq', 'qv'), "local": ('OQ', 'QV_OQ', 'QV'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'QV_OQ': R.Spec(slots=(('q', 'v', 0), ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'QV': R.Spec(slots=(('q', 'v', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dk1_P_update, "combine": _num_dk1_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'QV_OQ': ('d', 'd')}, "carry": {'OQ': ('do', 'd'), 'QV_OQ': ('d', 'd')}, "factors": ('oq', 'qv'), "local": ('OQ', 'QV', 'QV_OQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('2')),)), 'QV': R.Spec(slots=(('q', 'v', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QV_OQ': R.Spec(slots=(('q', 'v', 0), ('o', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('2'))))}, "update": _num_dk1_F_update, "combine": _num_dk1_F_combine}, readout=_num_dk1_readout),
+            R.GradStream(lead='k', prefix={"state": {'QO_VQ': ('d', 'd'), 'VQ': ('dv', 'd')}, "carry": {'QO_VQ': ('d', 'd'), 'VQ': ('dv', 'd')}, "factors": ('qo', 'vq'), "local": ('QO', 'QO_VQ', 'VQ'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'QO_VQ': R.Spec(slots=(('q', 'o', 0), ('v', 'q', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'VQ': R.Spec(slots=(('v', 'q', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dk2_P_update, "combine": _num_dk2_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'QO_VQ': ('d', 'd')}, "carry": {'QO': ('d', 'do'), 'QO_VQ': ('d', 'd')}, "factors": ('qo', 'vq'), "local": ('QO', 'VQ', 'QO_VQ'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('2')),)), 'VQ': R.Spec(slots=(('v', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QO_VQ': R.Spec(slots=(('q', 'o', 0), ('v', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('2')), (1, Fraction('-1'))))}, "update": _num_dk2_F_update, "combine": _num_dk2_F_combine}, readout=_num_dk2_readout),
+        ),
+        "v": (
+            R.GradStream(lead='q', prefix={"state": {'KK_QO': ('d', 'do'), 'KK': ('d', 'd')}, "carry": {'KK_QO': ('d', 'do'), 'KK': ('d', 'd')}, "factors": ('kk', 'qo'), "local": ('QO', 'KK_QO', 'KK'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'KK_QO': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dv1_P_update, "combine": _num_dv1_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'KK_QO': ('d', 'do')}, "carry": {'QO': ('d', 'do'), 'KK_QO': ('d', 'do')}, "factors": ('kk', 'qo'), "local": ('QO', 'KK', 'KK_QO'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('2')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'KK_QO': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('2'))))}, "update": _num_dv1_F_update, "combine": _num_dv1_F_combine}, readout=_num_dv1_readout),
         ),
     },
 }
@@ -103,6 +216,86 @@ def _den_combine_scan(A, B, rB):
     }
 
 
+def _den_dq1_P_update(S, F, g):
+    return {"1Q": (g) * S["1Q"] + F["1q"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _den_dq1_P_combine(A, B, rB):
+    return {"1Q": (rB) * A["1Q"] + B["1Q"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _den_dq1_F_update(S, F, g):
+    return {}
+
+
+def _den_dq1_F_combine(A, B, rB):
+    return {}
+
+
+def _den_dq1_readout(S, U, g):
+    return (S["1Q"] @ S["KK"])
+
+
+def _den_dq2_P_update(S, F, g):
+    return {"OQ_KK": (g) * (F["oq"] @ S["KK"]) + (F["oq"] @ F["kk"]), "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _den_dq2_P_combine(A, B, rB):
+    return {"OQ_KK": (rB) * (B["OQ"] @ A["KK"]) + B["OQ_KK"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _den_dq2_F_update(S, F, g):
+    return {"OQ": (g**2) * S["OQ"] + F["oq"], "OQ_KK": (g) * S["OQ_KK"] + (g**2) * (S["OQ"] @ F["kk"]) + (F["oq"] @ F["kk"]), }
+
+
+def _den_dq2_F_combine(A, B, rB):
+    return {"OQ": (rB**2) * A["OQ"] + B["OQ"], "OQ_KK": (rB) * A["OQ_KK"] + (rB**2) * (A["OQ"] @ B["KK"]) + B["OQ_KK"], }
+
+
+def _den_dq2_readout(S, U, g):
+    return S["OQ_KK"] + (g**2) * (U["OQ"] @ S["KK"]) + (g) * U["OQ_KK"]
+
+
+def _den_dk1_P_update(S, F, g):
+    return {"Q1_OQ": (g) * (S["Q1"] @ F["oq"]) + (F["q1"] @ F["oq"]), "Q1": (g) * S["Q1"] + F["q1"], }
+
+
+def _den_dk1_P_combine(A, B, rB):
+    return {"Q1_OQ": (rB) * (A["Q1"] @ B["OQ"]) + B["Q1_OQ"], "Q1": (rB) * A["Q1"] + B["Q1"], }
+
+
+def _den_dk1_F_update(S, F, g):
+    return {"OQ": (g**2) * S["OQ"] + F["oq"], "Q1_OQ": (g) * S["Q1_OQ"] + (g**2) * (F["q1"] @ S["OQ"]) + (F["q1"] @ F["oq"]), }
+
+
+def _den_dk1_F_combine(A, B, rB):
+    return {"OQ": (rB**2) * A["OQ"] + B["OQ"], "Q1_OQ": (rB) * A["Q1_OQ"] + (rB**2) * (B["Q1"] @ A["OQ"]) + B["Q1_OQ"], }
+
+
+def _den_dk1_readout(S, U, g):
+    return S["Q1_OQ"] + (g**2) * (S["Q1"] @ U["OQ"]) + (g) * U["Q1_OQ"]
+
+
+def _den_dk2_P_update(S, F, g):
+    return {"QO_1Q": (g) * (F["qo"] @ S["1Q"]) + (F["qo"] @ F["1q"]), "1Q": (g) * S["1Q"] + F["1q"], }
+
+
+def _den_dk2_P_combine(A, B, rB):
+    return {"QO_1Q": (rB) * (B["QO"] @ A["1Q"]) + B["QO_1Q"], "1Q": (rB) * A["1Q"] + B["1Q"], }
+
+
+def _den_dk2_F_update(S, F, g):
+    return {"QO": (g**2) * S["QO"] + F["qo"], "QO_1Q": (g) * S["QO_1Q"] + (g**2) * (S["QO"] @ F["1q"]) + (F["qo"] @ F["1q"]), }
+
+
+def _den_dk2_F_combine(A, B, rB):
+    return {"QO": (rB**2) * A["QO"] + B["QO"], "QO_1Q": (rB) * A["QO_1Q"] + (rB**2) * (A["QO"] @ B["1Q"]) + B["QO_1Q"], }
+
+
+def _den_dk2_readout(S, U, g):
+    return S["QO_1Q"] + (g**2) * (U["QO"] @ S["1Q"]) + (g) * U["QO_1Q"]
+
+
 DEN = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_j) * 1_j',
     "state": {'KK': ('d', 'd'), 'Q1': ('d', '1')},
@@ -128,6 +321,18 @@ DEN = {
         "k": (
             R.GradSpec(lead='k', slots=(('q', '1', 1), ('o', 'q', 2)), rels=((0, '<=', 2), (1, '<=', 2)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('2'))), nvars=3),  # k_i as the left vector of slot 1 (k_i k_iᵀ)
             R.GradSpec(lead='k', slots=(('q', 'o', 1), ('1', 'q', 2)), rels=((0, '<=', 1), (2, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('2')), (2, Fraction('-1'))), nvars=3),  # k_i as the right vector of slot 1 (k_i k_iᵀ)
+        ),
+        "v": (
+        ),
+    },
+    "grad_streams": {
+        "q": (
+            R.GradStream(lead='o', prefix={"state": {'1Q': ('1', 'd'), 'KK': ('d', 'd')}, "carry": {'1Q': ('1', 'd'), 'KK': ('d', 'd')}, "factors": ('1q', 'kk'), "local": ('1Q', 'KK'), "specs": {'1Q': R.Spec(slots=(('1', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq1_P_update, "combine": _den_dq1_P_combine}, suffix={"state": {}, "carry": {}, "factors": (), "local": (), "specs": {}, "update": _den_dq1_F_update, "combine": _den_dq1_F_combine}, readout=_den_dq1_readout),
+            R.GradStream(lead='1', prefix={"state": {'OQ_KK': ('do', 'd'), 'KK': ('d', 'd')}, "carry": {'OQ_KK': ('do', 'd'), 'KK': ('d', 'd')}, "factors": ('kk', 'oq'), "local": ('OQ', 'OQ_KK', 'KK'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq2_P_update, "combine": _den_dq2_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'OQ_KK': ('do', 'd')}, "carry": {'OQ': ('do', 'd'), 'OQ_KK': ('do', 'd')}, "factors": ('kk', 'oq'), "local": ('OQ', 'KK', 'OQ_KK'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('2')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('2')), (1, Fraction('-1'))))}, "update": _den_dq2_F_update, "combine": _den_dq2_F_combine}, readout=_den_dq2_readout),
+        ),
+        "k": (
+            R.GradStream(lead='k', prefix={"state": {'Q1_OQ': ('d', 'd'), 'Q1': ('d', '1')}, "carry": {'Q1_OQ': ('d', 'd'), 'Q1': ('d', '1')}, "factors": ('oq', 'q1'), "local": ('OQ', 'Q1_OQ', 'Q1'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'Q1_OQ': R.Spec(slots=(('q', '1', 0), ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'Q1': R.Spec(slots=(('q', '1', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dk1_P_update, "combine": _den_dk1_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'Q1_OQ': ('d', 'd')}, "carry": {'OQ': ('do', 'd'), 'Q1_OQ': ('d', 'd')}, "factors": ('oq', 'q1'), "local": ('OQ', 'Q1', 'Q1_OQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('2')),)), 'Q1': R.Spec(slots=(('q', '1', 0),), rels=(), decay=((0, Fraction('-1')),)), 'Q1_OQ': R.Spec(slots=(('q', '1', 0), ('o', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('2'))))}, "update": _den_dk1_F_update, "combine": _den_dk1_F_combine}, readout=_den_dk1_readout),
+            R.GradStream(lead='k', prefix={"state": {'QO_1Q': ('d', 'd'), '1Q': ('1', 'd')}, "carry": {'QO_1Q': ('d', 'd'), '1Q': ('1', 'd')}, "factors": ('1q', 'qo'), "local": ('QO', 'QO_1Q', '1Q'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'QO_1Q': R.Spec(slots=(('q', 'o', 0), ('1', 'q', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), '1Q': R.Spec(slots=(('1', 'q', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dk2_P_update, "combine": _den_dk2_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'QO_1Q': ('d', 'd')}, "carry": {'QO': ('d', 'do'), 'QO_1Q': ('d', 'd')}, "factors": ('1q', 'qo'), "local": ('QO', '1Q', 'QO_1Q'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('2')),)), '1Q': R.Spec(slots=(('1', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QO_1Q': R.Spec(slots=(('q', 'o', 0), ('1', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('2')), (1, Fraction('-1'))))}, "update": _den_dk2_F_update, "combine": _den_dk2_F_combine}, readout=_den_dk2_readout),
         ),
         "v": (
         ),

@@ -50,6 +50,146 @@ def _num_combine_scan(A, B, rB):
     }
 
 
+def _num_dq1_P_update(S, F, g):
+    return {"VK_QQ_KK": (g**3) * S["VK_QQ_KK"] + (g**2) * (S["VK"] @ F["qq"] @ S["KK"]) + (g) * (S["VK"] @ F["qq"] @ F["kk"]) + (g) * (F["vk"] @ F["qq"] @ S["KK"]) + (F["vk"] @ F["qq"] @ F["kk"]), "VK": (g) * S["VK"] + F["vk"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _num_dq1_P_combine(A, B, rB):
+    return {"VK_QQ_KK": (rB**3) * A["VK_QQ_KK"] + (rB**2) * (A["VK"] @ B["QQ"] @ A["KK"]) + (rB) * (A["VK"] @ B["QQ_KK"]) + (rB) * (B["VK_QQ"] @ A["KK"]) + B["VK_QQ_KK"], "VK": (rB) * A["VK"] + B["VK"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _num_dq1_F_update(S, F, g):
+    return {}
+
+
+def _num_dq1_F_combine(A, B, rB):
+    return {}
+
+
+def _num_dq1_readout(S, U, g):
+    return S["VK_QQ_KK"]
+
+
+def _num_dq2_P_update(S, F, g):
+    return {"KV_OQ_KK": (g**2) * (S["KV"] @ F["oq"] @ S["KK"]) + (g) * (S["KV"] @ F["oq"] @ F["kk"]) + (g) * (F["kv"] @ F["oq"] @ S["KK"]) + (F["kv"] @ F["oq"] @ F["kk"]), "KV": (g) * S["KV"] + F["kv"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _num_dq2_P_combine(A, B, rB):
+    return {"KV_OQ_KK": (rB**2) * (A["KV"] @ B["OQ"] @ A["KK"]) + (rB) * (A["KV"] @ B["OQ_KK"]) + (rB) * (B["KV_OQ"] @ A["KK"]) + B["KV_OQ_KK"], "KV": (rB) * A["KV"] + B["KV"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _num_dq2_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], }
+
+
+def _num_dq2_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], }
+
+
+def _num_dq2_readout(S, U, g):
+    return S["KV_OQ_KK"] + (g**3) * (S["KV"] @ U["OQ"] @ S["KK"])
+
+
+def _num_dq3_P_update(S, F, g):
+    return {"KK_QO_VK": (g**2) * (S["KK"] @ F["qo"] @ S["VK"]) + (g) * (S["KK"] @ F["qo"] @ F["vk"]) + (g) * (F["kk"] @ F["qo"] @ S["VK"]) + (F["kk"] @ F["qo"] @ F["vk"]), "KK": (g) * S["KK"] + F["kk"], "VK": (g) * S["VK"] + F["vk"], }
+
+
+def _num_dq3_P_combine(A, B, rB):
+    return {"KK_QO_VK": (rB**2) * (A["KK"] @ B["QO"] @ A["VK"]) + (rB) * (A["KK"] @ B["QO_VK"]) + (rB) * (B["KK_QO"] @ A["VK"]) + B["KK_QO_VK"], "KK": (rB) * A["KK"] + B["KK"], "VK": (rB) * A["VK"] + B["VK"], }
+
+
+def _num_dq3_F_update(S, F, g):
+    return {"QO": (g**3) * S["QO"] + F["qo"], }
+
+
+def _num_dq3_F_combine(A, B, rB):
+    return {"QO": (rB**3) * A["QO"] + B["QO"], }
+
+
+def _num_dq3_readout(S, U, g):
+    return S["KK_QO_VK"] + (g**3) * (S["KK"] @ U["QO"] @ S["VK"])
+
+
+def _num_dk1_P_update(S, F, g):
+    return {"QQ_KV_OQ": (g) * (F["qq"] @ S["KV"] @ F["oq"]) + (F["qq"] @ F["kv"] @ F["oq"]), "QQ_KV": (g) * (F["qq"] @ S["KV"]) + (F["qq"] @ F["kv"]), "KV": (g) * S["KV"] + F["kv"], }
+
+
+def _num_dk1_P_combine(A, B, rB):
+    return {"QQ_KV_OQ": (rB) * R.apply(B["QQ_Z_OQ"], [A["KV"]], [0]) + B["QQ_KV_OQ"], "QQ_KV": (rB) * (B["QQ"] @ A["KV"]) + B["QQ_KV"], "KV": (rB) * A["KV"] + B["KV"], }
+
+
+def _num_dk1_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], "QQ_Z_OQ": R.scale((g**2), S["QQ_Z_OQ"], 4) + R.scale((g**3), R.outer([F["qq"], S["OQ"]], [2, 2]), 4) + R.outer([F["qq"], F["oq"]], [2, 2]), "QQ_KV_OQ": (g) * S["QQ_KV_OQ"] + (g**2) * R.apply(S["QQ_Z_OQ"], [F["kv"]], [0]) + (g**3) * (F["qq"] @ F["kv"] @ S["OQ"]) + (F["qq"] @ F["kv"] @ F["oq"]), }
+
+
+def _num_dk1_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], "QQ_Z_OQ": R.scale((rB**2), A["QQ_Z_OQ"], 4) + R.scale((rB**3), R.outer([B["QQ"], A["OQ"]], [2, 2]), 4) + B["QQ_Z_OQ"], "QQ_KV_OQ": (rB) * A["QQ_KV_OQ"] + (rB**2) * R.apply(A["QQ_Z_OQ"], [B["KV"]], [0]) + (rB**3) * (B["QQ_KV"] @ A["OQ"]) + B["QQ_KV_OQ"], }
+
+
+def _num_dk1_readout(S, U, g):
+    return S["QQ_KV_OQ"] + (g**3) * (S["QQ_KV"] @ U["OQ"]) + (g**2) * R.apply(U["QQ_Z_OQ"], [S["KV"]], [0]) + (g) * U["QQ_KV_OQ"]
+
+
+def _num_dk2_P_update(S, F, g):
+    return {"QO_VK_QQ": (g) * (F["qo"] @ S["VK"] @ F["qq"]) + (F["qo"] @ F["vk"] @ F["qq"]), "VK_QQ": (g) * (S["VK"] @ F["qq"]) + (F["vk"] @ F["qq"]), "VK": (g) * S["VK"] + F["vk"], }
+
+
+def _num_dk2_P_combine(A, B, rB):
+    return {"QO_VK_QQ": (rB) * R.apply(B["QO_Z_QQ"], [A["VK"]], [0]) + B["QO_VK_QQ"], "VK_QQ": (rB) * (A["VK"] @ B["QQ"]) + B["VK_QQ"], "VK": (rB) * A["VK"] + B["VK"], }
+
+
+def _num_dk2_F_update(S, F, g):
+    return {"QO": (g**3) * S["QO"] + F["qo"], "QO_Z_QQ": R.scale((g**2), S["QO_Z_QQ"], 4) + R.scale((g**3), R.outer([S["QO"], F["qq"]], [2, 2]), 4) + R.outer([F["qo"], F["qq"]], [2, 2]), "QO_VK_QQ": (g) * S["QO_VK_QQ"] + (g**2) * R.apply(S["QO_Z_QQ"], [F["vk"]], [0]) + (g**3) * (S["QO"] @ F["vk"] @ F["qq"]) + (F["qo"] @ F["vk"] @ F["qq"]), }
+
+
+def _num_dk2_F_combine(A, B, rB):
+    return {"QO": (rB**3) * A["QO"] + B["QO"], "QO_Z_QQ": R.scale((rB**2), A["QO_Z_QQ"], 4) + R.scale((rB**3), R.outer([A["QO"], B["QQ"]], [2, 2]), 4) + B["QO_Z_QQ"], "QO_VK_QQ": (rB) * A["QO_VK_QQ"] + (rB**2) * R.apply(A["QO_Z_QQ"], [B["VK"]], [0]) + (rB**3) * (A["QO"] @ B["VK_QQ"]) + B["QO_VK_QQ"], }
+
+
+def _num_dk2_readout(S, U, g):
+    return S["QO_VK_QQ"] + (g**3) * (U["QO"] @ S["VK_QQ"]) + (g**2) * R.apply(U["QO_Z_QQ"], [S["VK"]], [0]) + (g) * U["QO_VK_QQ"]
+
+
+def _num_dk3_P_update(S, F, g):
+    return {"OQ_KK_QQ": (g) * (F["oq"] @ S["KK"] @ F["qq"]) + (F["oq"] @ F["kk"] @ F["qq"]), "KK_QQ": (g) * (S["KK"] @ F["qq"]) + (F["kk"] @ F["qq"]), "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _num_dk3_P_combine(A, B, rB):
+    return {"OQ_KK_QQ": (rB) * R.apply(B["OQ_Z_QQ"], [A["KK"]], [0]) + B["OQ_KK_QQ"], "KK_QQ": (rB) * (A["KK"] @ B["QQ"]) + B["KK_QQ"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _num_dk3_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], "OQ_Z_QQ": R.scale((g**2), S["OQ_Z_QQ"], 4) + R.scale((g**3), R.outer([S["OQ"], F["qq"]], [2, 2]), 4) + R.outer([F["oq"], F["qq"]], [2, 2]), "OQ_KK_QQ": (g) * S["OQ_KK_QQ"] + (g**2) * R.apply(S["OQ_Z_QQ"], [F["kk"]], [0]) + (g**3) * (S["OQ"] @ F["kk"] @ F["qq"]) + (F["oq"] @ F["kk"] @ F["qq"]), }
+
+
+def _num_dk3_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], "OQ_Z_QQ": R.scale((rB**2), A["OQ_Z_QQ"], 4) + R.scale((rB**3), R.outer([A["OQ"], B["QQ"]], [2, 2]), 4) + B["OQ_Z_QQ"], "OQ_KK_QQ": (rB) * A["OQ_KK_QQ"] + (rB**2) * R.apply(A["OQ_Z_QQ"], [B["KK"]], [0]) + (rB**3) * (A["OQ"] @ B["KK_QQ"]) + B["OQ_KK_QQ"], }
+
+
+def _num_dk3_readout(S, U, g):
+    return S["OQ_KK_QQ"] + (g**3) * (U["OQ"] @ S["KK_QQ"]) + (g**2) * R.apply(U["OQ_Z_QQ"], [S["KK"]], [0]) + (g) * U["OQ_KK_QQ"]
+
+
+def _num_dv1_P_update(S, F, g):
+    return {"QQ_KK_QO": (g) * (F["qq"] @ S["KK"] @ F["qo"]) + (F["qq"] @ F["kk"] @ F["qo"]), "QQ_KK": (g) * (F["qq"] @ S["KK"]) + (F["qq"] @ F["kk"]), "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _num_dv1_P_combine(A, B, rB):
+    return {"QQ_KK_QO": (rB) * R.apply(B["QQ_Z_QO"], [A["KK"]], [0]) + B["QQ_KK_QO"], "QQ_KK": (rB) * (B["QQ"] @ A["KK"]) + B["QQ_KK"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _num_dv1_F_update(S, F, g):
+    return {"QO": (g**3) * S["QO"] + F["qo"], "QQ_Z_QO": R.scale((g**2), S["QQ_Z_QO"], 4) + R.scale((g**3), R.outer([F["qq"], S["QO"]], [2, 2]), 4) + R.outer([F["qq"], F["qo"]], [2, 2]), "QQ_KK_QO": (g) * S["QQ_KK_QO"] + (g**2) * R.apply(S["QQ_Z_QO"], [F["kk"]], [0]) + (g**3) * (F["qq"] @ F["kk"] @ S["QO"]) + (F["qq"] @ F["kk"] @ F["qo"]), }
+
+
+def _num_dv1_F_combine(A, B, rB):
+    return {"QO": (rB**3) * A["QO"] + B["QO"], "QQ_Z_QO": R.scale((rB**2), A["QQ_Z_QO"], 4) + R.scale((rB**3), R.outer([B["QQ"], A["QO"]], [2, 2]), 4) + B["QQ_Z_QO"], "QQ_KK_QO": (rB) * A["QQ_KK_QO"] + (rB**2) * R.apply(A["QQ_Z_QO"], [B["KK"]], [0]) + (rB**3) * (B["QQ_KK"] @ A["QO"]) + B["QQ_KK_QO"], }
+
+
+def _num_dv1_readout(S, U, g):
+    return S["QQ_KK_QO"] + (g**3) * (S["QQ_KK"] @ U["QO"]) + (g**2) * R.apply(U["QQ_Z_QO"], [S["KK"]], [0]) + (g) * U["QQ_KK_QO"]
+
+
 NUM = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_u) * dot(q_u,k_j) * v_j',
     "state": {'KK_QQ_KV': ('d', 'dv'), 'KK': ('d', 'd'), 'KV': ('d', 'dv')},
@@ -84,6 +224,21 @@ NUM = {
         ),
         "v": (
             R.GradSpec(lead='k', slots=(('q', 'q', 1), ('k', 'k', 2), ('q', 'o', 3)), rels=((2, '<=', 1), (0, '<=', 1), (1, '<=', 3), (2, '<=', 3), (0, '<=', 3)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('-1')), (3, Fraction('3'))), nvars=4),  # v_j as the right vector of slot 3 (k_j v_jᵀ)
+        ),
+    },
+    "grad_streams": {
+        "q": (
+            R.GradStream(lead='o', prefix={"state": {'VK_QQ_KK': ('dv', 'd'), 'VK': ('dv', 'd'), 'KK': ('d', 'd')}, "carry": {'VK_QQ_KK': ('dv', 'd'), 'VK': ('dv', 'd'), 'KK': ('d', 'd')}, "factors": ('kk', 'qq', 'vk'), "local": ('QQ', 'QQ_KK', 'VK_QQ', 'VK_QQ_KK', 'VK', 'KK'), "specs": {'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'QQ_KK': R.Spec(slots=(('q', 'q', 0), ('k', 'k', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('1')), (1, Fraction('1')))), 'VK_QQ': R.Spec(slots=(('v', 'k', 0), ('q', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('1')), (1, Fraction('1')))), 'VK_QQ_KK': R.Spec(slots=(('v', 'k', 0), ('q', 'q', 1), ('k', 'k', 2)), rels=((0, '<=', 1), (2, '<=', 1)), decay=((0, Fraction('1')), (1, Fraction('1')), (2, Fraction('1')))), 'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq1_P_update, "combine": _num_dq1_P_combine}, suffix={"state": {}, "carry": {}, "factors": (), "local": (), "specs": {}, "update": _num_dq1_F_update, "combine": _num_dq1_F_combine}, readout=_num_dq1_readout),
+            R.GradStream(lead='q', prefix={"state": {'KV_OQ_KK': ('d', 'd'), 'KV': ('d', 'dv'), 'KK': ('d', 'd')}, "carry": {'KV_OQ_KK': ('d', 'd'), 'KV': ('d', 'dv'), 'KK': ('d', 'd')}, "factors": ('kk', 'kv', 'oq'), "local": ('OQ', 'OQ_KK', 'KV_OQ', 'KV_OQ_KK', 'KV', 'KK'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'KV_OQ': R.Spec(slots=(('k', 'v', 0), ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'KV_OQ_KK': R.Spec(slots=(('k', 'v', 0), ('o', 'q', 1), ('k', 'k', 2)), rels=(('end', '<=', 1), (0, '<=', 1), (2, '<=', 1)), decay=((0, Fraction('1')), (2, Fraction('1')))), 'KV': R.Spec(slots=(('k', 'v', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq2_P_update, "combine": _num_dq2_P_combine}, suffix={"state": {'OQ': ('do', 'd')}, "carry": {'OQ': ('do', 'd')}, "factors": ('oq',), "local": ('OQ',), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),))}, "update": _num_dq2_F_update, "combine": _num_dq2_F_combine}, readout=_num_dq2_readout),
+            R.GradStream(lead='q', prefix={"state": {'KK_QO_VK': ('d', 'd'), 'KK': ('d', 'd'), 'VK': ('dv', 'd')}, "carry": {'KK_QO_VK': ('d', 'd'), 'KK': ('d', 'd'), 'VK': ('dv', 'd')}, "factors": ('kk', 'qo', 'vk'), "local": ('QO', 'QO_VK', 'KK_QO', 'KK_QO_VK', 'KK', 'VK'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'QO_VK': R.Spec(slots=(('q', 'o', 0), ('v', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'KK_QO': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'KK_QO_VK': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1), ('v', 'k', 2)), rels=(('end', '<=', 1), (0, '<=', 1), (2, '<=', 1)), decay=((0, Fraction('1')), (2, Fraction('1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), 'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq3_P_update, "combine": _num_dq3_P_combine}, suffix={"state": {'QO': ('d', 'do')}, "carry": {'QO': ('d', 'do')}, "factors": ('qo',), "local": ('QO',), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('3')),))}, "update": _num_dq3_F_update, "combine": _num_dq3_F_combine}, readout=_num_dq3_readout),
+        ),
+        "k": (
+            R.GradStream(lead='k', prefix={"state": {'QQ_KV_OQ': ('d', 'd'), 'QQ_KV': ('d', 'dv'), 'KV': ('d', 'dv')}, "carry": {'QQ_KV_OQ': ('d', 'd'), 'QQ_KV': ('d', 'dv'), 'KV': ('d', 'dv')}, "factors": ('kv', 'oq', 'qq'), "local": ('QQ_Z_OQ', 'QQ_KV_OQ', 'QQ', 'QQ_KV', 'KV'), "specs": {'QQ_Z_OQ': R.Spec(slots=(('q', 'q', 0), None, ('o', 'q', 1)), rels=(('end', '<=', 0), ('end', '<=', 1), (0, '<=', 1), (1, '<=', 0)), decay=((0, Fraction('1')),)), 'QQ_KV_OQ': R.Spec(slots=(('q', 'q', 0), ('k', 'v', 1), ('o', 'q', 2)), rels=(('end', '<=', 0), ('end', '<=', 2), (0, '<=', 2), (1, '<=', 0), (1, '<=', 2), (2, '<=', 0)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(('end', '<=', 0),), decay=((0, Fraction('1')),)), 'QQ_KV': R.Spec(slots=(('q', 'q', 0), ('k', 'v', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'KV': R.Spec(slots=(('k', 'v', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dk1_P_update, "combine": _num_dk1_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'QQ_Z_OQ': ('d', 'd', 'do', 'd'), 'QQ_KV_OQ': ('d', 'd')}, "carry": {'OQ': ('do', 'd'), 'QQ_Z_OQ': ('d', 'd', 'do', 'd'), 'QQ_KV_OQ': ('d', 'd')}, "factors": ('kv', 'oq', 'qq'), "local": ('OQ', 'QQ', 'QQ_Z_OQ', 'KV', 'QQ_KV', 'QQ_KV_OQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QQ_Z_OQ': R.Spec(slots=(('q', 'q', 0), None, ('o', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'KV': R.Spec(slots=(('k', 'v', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QQ_KV': R.Spec(slots=(('q', 'q', 0), ('k', 'v', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('-1')), (1, Fraction('-1')))), 'QQ_KV_OQ': R.Spec(slots=(('q', 'q', 0), ('k', 'v', 1), ('o', 'q', 2)), rels=((0, '<=', 1), (2, '<=', 0), (2, '<=', 1)), decay=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('3'))))}, "update": _num_dk1_F_update, "combine": _num_dk1_F_combine}, readout=_num_dk1_readout),
+            R.GradStream(lead='k', prefix={"state": {'QO_VK_QQ': ('d', 'd'), 'VK_QQ': ('dv', 'd'), 'VK': ('dv', 'd')}, "carry": {'QO_VK_QQ': ('d', 'd'), 'VK_QQ': ('dv', 'd'), 'VK': ('dv', 'd')}, "factors": ('qo', 'qq', 'vk'), "local": ('QO_Z_QQ', 'QO_VK_QQ', 'QQ', 'VK_QQ', 'VK'), "specs": {'QO_Z_QQ': R.Spec(slots=(('q', 'o', 0), None, ('q', 'q', 1)), rels=(('end', '<=', 0), ('end', '<=', 1), (0, '<=', 1), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'QO_VK_QQ': R.Spec(slots=(('q', 'o', 0), ('v', 'k', 1), ('q', 'q', 2)), rels=(('end', '<=', 0), ('end', '<=', 2), (0, '<=', 2), (1, '<=', 0), (1, '<=', 2), (2, '<=', 0)), decay=((1, Fraction('1')), (2, Fraction('1')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(('end', '<=', 0),), decay=((0, Fraction('1')),)), 'VK_QQ': R.Spec(slots=(('v', 'k', 0), ('q', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dk2_P_update, "combine": _num_dk2_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'QO_Z_QQ': ('d', 'do', 'd', 'd'), 'QO_VK_QQ': ('d', 'd')}, "carry": {'QO': ('d', 'do'), 'QO_Z_QQ': ('d', 'do', 'd', 'd'), 'QO_VK_QQ': ('d', 'd')}, "factors": ('qo', 'qq', 'vk'), "local": ('QO', 'QQ', 'QO_Z_QQ', 'VK', 'VK_QQ', 'QO_VK_QQ'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QO_Z_QQ': R.Spec(slots=(('q', 'o', 0), None, ('q', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'VK_QQ': R.Spec(slots=(('v', 'k', 0), ('q', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('-1')))), 'QO_VK_QQ': R.Spec(slots=(('q', 'o', 0), ('v', 'k', 1), ('q', 'q', 2)), rels=((0, '<=', 1), (0, '<=', 2), (2, '<=', 1)), decay=((0, Fraction('3')), (1, Fraction('-1')), (2, Fraction('-1'))))}, "update": _num_dk2_F_update, "combine": _num_dk2_F_combine}, readout=_num_dk2_readout),
+            R.GradStream(lead='v', prefix={"state": {'OQ_KK_QQ': ('do', 'd'), 'KK_QQ': ('d', 'd'), 'KK': ('d', 'd')}, "carry": {'OQ_KK_QQ': ('do', 'd'), 'KK_QQ': ('d', 'd'), 'KK': ('d', 'd')}, "factors": ('kk', 'oq', 'qq'), "local": ('OQ_Z_QQ', 'OQ_KK_QQ', 'QQ', 'KK_QQ', 'KK'), "specs": {'OQ_Z_QQ': R.Spec(slots=(('o', 'q', 0), None, ('q', 'q', 1)), rels=(('end', '<=', 0), ('end', '<=', 1), (0, '<=', 1), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'OQ_KK_QQ': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1), ('q', 'q', 2)), rels=(('end', '<=', 0), ('end', '<=', 2), (0, '<=', 2), (1, '<=', 0), (1, '<=', 2), (2, '<=', 0)), decay=((1, Fraction('1')), (2, Fraction('1')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(('end', '<=', 0),), decay=((0, Fraction('1')),)), 'KK_QQ': R.Spec(slots=(('k', 'k', 0), ('q', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dk3_P_update, "combine": _num_dk3_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'OQ_Z_QQ': ('do', 'd', 'd', 'd'), 'OQ_KK_QQ': ('do', 'd')}, "carry": {'OQ': ('do', 'd'), 'OQ_Z_QQ': ('do', 'd', 'd', 'd'), 'OQ_KK_QQ': ('do', 'd')}, "factors": ('kk', 'oq', 'qq'), "local": ('OQ', 'QQ', 'OQ_Z_QQ', 'KK', 'KK_QQ', 'OQ_KK_QQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'OQ_Z_QQ': R.Spec(slots=(('o', 'q', 0), None, ('q', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'KK_QQ': R.Spec(slots=(('k', 'k', 0), ('q', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('-1')))), 'OQ_KK_QQ': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1), ('q', 'q', 2)), rels=((0, '<=', 1), (0, '<=', 2), (2, '<=', 1)), decay=((0, Fraction('3')), (1, Fraction('-1')), (2, Fraction('-1'))))}, "update": _num_dk3_F_update, "combine": _num_dk3_F_combine}, readout=_num_dk3_readout),
+        ),
+        "v": (
+            R.GradStream(lead='k', prefix={"state": {'QQ_KK_QO': ('d', 'do'), 'QQ_KK': ('d', 'd'), 'KK': ('d', 'd')}, "carry": {'QQ_KK_QO': ('d', 'do'), 'QQ_KK': ('d', 'd'), 'KK': ('d', 'd')}, "factors": ('kk', 'qo', 'qq'), "local": ('QQ_Z_QO', 'QQ_KK_QO', 'QQ', 'QQ_KK', 'KK'), "specs": {'QQ_Z_QO': R.Spec(slots=(('q', 'q', 0), None, ('q', 'o', 1)), rels=(('end', '<=', 0), ('end', '<=', 1), (0, '<=', 1), (1, '<=', 0)), decay=((0, Fraction('1')),)), 'QQ_KK_QO': R.Spec(slots=(('q', 'q', 0), ('k', 'k', 1), ('q', 'o', 2)), rels=(('end', '<=', 0), ('end', '<=', 2), (0, '<=', 2), (1, '<=', 0), (1, '<=', 2), (2, '<=', 0)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(('end', '<=', 0),), decay=((0, Fraction('1')),)), 'QQ_KK': R.Spec(slots=(('q', 'q', 0), ('k', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dv1_P_update, "combine": _num_dv1_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'QQ_Z_QO': ('d', 'd', 'd', 'do'), 'QQ_KK_QO': ('d', 'do')}, "carry": {'QO': ('d', 'do'), 'QQ_Z_QO': ('d', 'd', 'd', 'do'), 'QQ_KK_QO': ('d', 'do')}, "factors": ('kk', 'qo', 'qq'), "local": ('QO', 'QQ', 'QQ_Z_QO', 'KK', 'QQ_KK', 'QQ_KK_QO'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QQ_Z_QO': R.Spec(slots=(('q', 'q', 0), None, ('q', 'o', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QQ_KK': R.Spec(slots=(('q', 'q', 0), ('k', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('-1')), (1, Fraction('-1')))), 'QQ_KK_QO': R.Spec(slots=(('q', 'q', 0), ('k', 'k', 1), ('q', 'o', 2)), rels=((0, '<=', 1), (2, '<=', 0), (2, '<=', 1)), decay=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('3'))))}, "update": _num_dv1_F_update, "combine": _num_dv1_F_combine}, readout=_num_dv1_readout),
         ),
     },
 }
@@ -121,6 +276,126 @@ def _den_combine_scan(A, B, rB):
     }
 
 
+def _den_dq1_P_update(S, F, g):
+    return {"1K_QQ_KK": (g**3) * S["1K_QQ_KK"] + (g**2) * (S["1K"] @ F["qq"] @ S["KK"]) + (g) * (S["1K"] @ F["qq"] @ F["kk"]) + (g) * (F["1k"] @ F["qq"] @ S["KK"]) + (F["1k"] @ F["qq"] @ F["kk"]), "1K": (g) * S["1K"] + F["1k"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _den_dq1_P_combine(A, B, rB):
+    return {"1K_QQ_KK": (rB**3) * A["1K_QQ_KK"] + (rB**2) * (A["1K"] @ B["QQ"] @ A["KK"]) + (rB) * (A["1K"] @ B["QQ_KK"]) + (rB) * (B["1K_QQ"] @ A["KK"]) + B["1K_QQ_KK"], "1K": (rB) * A["1K"] + B["1K"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _den_dq1_F_update(S, F, g):
+    return {}
+
+
+def _den_dq1_F_combine(A, B, rB):
+    return {}
+
+
+def _den_dq1_readout(S, U, g):
+    return S["1K_QQ_KK"]
+
+
+def _den_dq2_P_update(S, F, g):
+    return {"K1_OQ_KK": (g**2) * (S["K1"] @ F["oq"] @ S["KK"]) + (g) * (S["K1"] @ F["oq"] @ F["kk"]) + (g) * (F["k1"] @ F["oq"] @ S["KK"]) + (F["k1"] @ F["oq"] @ F["kk"]), "K1": (g) * S["K1"] + F["k1"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _den_dq2_P_combine(A, B, rB):
+    return {"K1_OQ_KK": (rB**2) * (A["K1"] @ B["OQ"] @ A["KK"]) + (rB) * (A["K1"] @ B["OQ_KK"]) + (rB) * (B["K1_OQ"] @ A["KK"]) + B["K1_OQ_KK"], "K1": (rB) * A["K1"] + B["K1"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _den_dq2_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], }
+
+
+def _den_dq2_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], }
+
+
+def _den_dq2_readout(S, U, g):
+    return S["K1_OQ_KK"] + (g**3) * (S["K1"] @ U["OQ"] @ S["KK"])
+
+
+def _den_dq3_P_update(S, F, g):
+    return {"KK_QO_1K": (g**2) * (S["KK"] @ F["qo"] @ S["1K"]) + (g) * (S["KK"] @ F["qo"] @ F["1k"]) + (g) * (F["kk"] @ F["qo"] @ S["1K"]) + (F["kk"] @ F["qo"] @ F["1k"]), "KK": (g) * S["KK"] + F["kk"], "1K": (g) * S["1K"] + F["1k"], }
+
+
+def _den_dq3_P_combine(A, B, rB):
+    return {"KK_QO_1K": (rB**2) * (A["KK"] @ B["QO"] @ A["1K"]) + (rB) * (A["KK"] @ B["QO_1K"]) + (rB) * (B["KK_QO"] @ A["1K"]) + B["KK_QO_1K"], "KK": (rB) * A["KK"] + B["KK"], "1K": (rB) * A["1K"] + B["1K"], }
+
+
+def _den_dq3_F_update(S, F, g):
+    return {"QO": (g**3) * S["QO"] + F["qo"], }
+
+
+def _den_dq3_F_combine(A, B, rB):
+    return {"QO": (rB**3) * A["QO"] + B["QO"], }
+
+
+def _den_dq3_readout(S, U, g):
+    return S["KK_QO_1K"] + (g**3) * (S["KK"] @ U["QO"] @ S["1K"])
+
+
+def _den_dk1_P_update(S, F, g):
+    return {"QQ_K1_OQ": (g) * (F["qq"] @ S["K1"] @ F["oq"]) + (F["qq"] @ F["k1"] @ F["oq"]), "QQ_K1": (g) * (F["qq"] @ S["K1"]) + (F["qq"] @ F["k1"]), "K1": (g) * S["K1"] + F["k1"], }
+
+
+def _den_dk1_P_combine(A, B, rB):
+    return {"QQ_K1_OQ": (rB) * R.apply(B["QQ_Z_OQ"], [A["K1"]], [0]) + B["QQ_K1_OQ"], "QQ_K1": (rB) * (B["QQ"] @ A["K1"]) + B["QQ_K1"], "K1": (rB) * A["K1"] + B["K1"], }
+
+
+def _den_dk1_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], "QQ_Z_OQ": R.scale((g**2), S["QQ_Z_OQ"], 4) + R.scale((g**3), R.outer([F["qq"], S["OQ"]], [2, 2]), 4) + R.outer([F["qq"], F["oq"]], [2, 2]), "QQ_K1_OQ": (g) * S["QQ_K1_OQ"] + (g**2) * R.apply(S["QQ_Z_OQ"], [F["k1"]], [0]) + (g**3) * (F["qq"] @ F["k1"] @ S["OQ"]) + (F["qq"] @ F["k1"] @ F["oq"]), }
+
+
+def _den_dk1_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], "QQ_Z_OQ": R.scale((rB**2), A["QQ_Z_OQ"], 4) + R.scale((rB**3), R.outer([B["QQ"], A["OQ"]], [2, 2]), 4) + B["QQ_Z_OQ"], "QQ_K1_OQ": (rB) * A["QQ_K1_OQ"] + (rB**2) * R.apply(A["QQ_Z_OQ"], [B["K1"]], [0]) + (rB**3) * (B["QQ_K1"] @ A["OQ"]) + B["QQ_K1_OQ"], }
+
+
+def _den_dk1_readout(S, U, g):
+    return S["QQ_K1_OQ"] + (g**3) * (S["QQ_K1"] @ U["OQ"]) + (g**2) * R.apply(U["QQ_Z_OQ"], [S["K1"]], [0]) + (g) * U["QQ_K1_OQ"]
+
+
+def _den_dk2_P_update(S, F, g):
+    return {"QO_1K_QQ": (g) * (F["qo"] @ S["1K"] @ F["qq"]) + (F["qo"] @ F["1k"] @ F["qq"]), "1K_QQ": (g) * (S["1K"] @ F["qq"]) + (F["1k"] @ F["qq"]), "1K": (g) * S["1K"] + F["1k"], }
+
+
+def _den_dk2_P_combine(A, B, rB):
+    return {"QO_1K_QQ": (rB) * R.apply(B["QO_Z_QQ"], [A["1K"]], [0]) + B["QO_1K_QQ"], "1K_QQ": (rB) * (A["1K"] @ B["QQ"]) + B["1K_QQ"], "1K": (rB) * A["1K"] + B["1K"], }
+
+
+def _den_dk2_F_update(S, F, g):
+    return {"QO": (g**3) * S["QO"] + F["qo"], "QO_Z_QQ": R.scale((g**2), S["QO_Z_QQ"], 4) + R.scale((g**3), R.outer([S["QO"], F["qq"]], [2, 2]), 4) + R.outer([F["qo"], F["qq"]], [2, 2]), "QO_1K_QQ": (g) * S["QO_1K_QQ"] + (g**2) * R.apply(S["QO_Z_QQ"], [F["1k"]], [0]) + (g**3) * (S["QO"] @ F["1k"] @ F["qq"]) + (F["qo"] @ F["1k"] @ F["qq"]), }
+
+
+def _den_dk2_F_combine(A, B, rB):
+    return {"QO": (rB**3) * A["QO"] + B["QO"], "QO_Z_QQ": R.scale((rB**2), A["QO_Z_QQ"], 4) + R.scale((rB**3), R.outer([A["QO"], B["QQ"]], [2, 2]), 4) + B["QO_Z_QQ"], "QO_1K_QQ": (rB) * A["QO_1K_QQ"] + (rB**2) * R.apply(A["QO_Z_QQ"], [B["1K"]], [0]) + (rB**3) * (A["QO"] @ B["1K_QQ"]) + B["QO_1K_QQ"], }
+
+
+def _den_dk2_readout(S, U, g):
+    return S["QO_1K_QQ"] + (g**3) * (U["QO"] @ S["1K_QQ"]) + (g**2) * R.apply(U["QO_Z_QQ"], [S["1K"]], [0]) + (g) * U["QO_1K_QQ"]
+
+
+def _den_dk3_P_update(S, F, g):
+    return {"OQ_KK_QQ": (g) * (F["oq"] @ S["KK"] @ F["qq"]) + (F["oq"] @ F["kk"] @ F["qq"]), "KK_QQ": (g) * (S["KK"] @ F["qq"]) + (F["kk"] @ F["qq"]), "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _den_dk3_P_combine(A, B, rB):
+    return {"OQ_KK_QQ": (rB) * R.apply(B["OQ_Z_QQ"], [A["KK"]], [0]) + B["OQ_KK_QQ"], "KK_QQ": (rB) * (A["KK"] @ B["QQ"]) + B["KK_QQ"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _den_dk3_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], "OQ_Z_QQ": R.scale((g**2), S["OQ_Z_QQ"], 4) + R.scale((g**3), R.outer([S["OQ"], F["qq"]], [2, 2]), 4) + R.outer([F["oq"], F["qq"]], [2, 2]), "OQ_KK_QQ": (g) * S["OQ_KK_QQ"] + (g**2) * R.apply(S["OQ_Z_QQ"], [F["kk"]], [0]) + (g**3) * (S["OQ"] @ F["kk"] @ F["qq"]) + (F["oq"] @ F["kk"] @ F["qq"]), }
+
+
+def _den_dk3_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], "OQ_Z_QQ": R.scale((rB**2), A["OQ_Z_QQ"], 4) + R.scale((rB**3), R.outer([A["OQ"], B["QQ"]], [2, 2]), 4) + B["OQ_Z_QQ"], "OQ_KK_QQ": (rB) * A["OQ_KK_QQ"] + (rB**2) * R.apply(A["OQ_Z_QQ"], [B["KK"]], [0]) + (rB**3) * (A["OQ"] @ B["KK_QQ"]) + B["OQ_KK_QQ"], }
+
+
+def _den_dk3_readout(S, U, g):
+    return S["OQ_KK_QQ"] + (g**3) * (U["OQ"] @ S["KK_QQ"]) + (g**2) * R.apply(U["OQ_Z_QQ"], [S["KK"]], [0]) + (g) * U["OQ_KK_QQ"]
+
+
 DEN = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_u) * dot(q_u,k_j) * 1_j',
     "state": {'KK_QQ_K1': ('d', '1'), 'KK': ('d', 'd'), 'K1': ('d', '1')},
@@ -152,6 +427,20 @@ DEN = {
             R.GradSpec(lead='k', slots=(('q', 'q', 1), ('k', '1', 2), ('o', 'q', 3)), rels=((0, '<=', 1), (2, '<=', 1), (1, '<=', 3), (0, '<=', 3), (2, '<=', 3)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('-1')), (3, Fraction('3'))), nvars=4),  # k_i as the left vector of slot 1 (k_i k_iᵀ)
             R.GradSpec(lead='k', slots=(('q', 'o', 1), ('1', 'k', 2), ('q', 'q', 3)), rels=((0, '<=', 3), (2, '<=', 3), (3, '<=', 1), (0, '<=', 1), (2, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1')), (3, Fraction('-1'))), nvars=4),  # k_i as the right vector of slot 1 (k_i k_iᵀ)
             R.GradSpec(lead='1', slots=(('o', 'q', 1), ('k', 'k', 2), ('q', 'q', 3)), rels=((2, '<=', 3), (0, '<=', 3), (3, '<=', 1), (2, '<=', 1), (0, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1')), (3, Fraction('-1'))), nvars=4),  # k_j as the left vector of slot 3 (k_j 1_jᵀ)
+        ),
+        "v": (
+        ),
+    },
+    "grad_streams": {
+        "q": (
+            R.GradStream(lead='o', prefix={"state": {'1K_QQ_KK': ('1', 'd'), '1K': ('1', 'd'), 'KK': ('d', 'd')}, "carry": {'1K_QQ_KK': ('1', 'd'), '1K': ('1', 'd'), 'KK': ('d', 'd')}, "factors": ('1k', 'kk', 'qq'), "local": ('QQ', 'QQ_KK', '1K_QQ', '1K_QQ_KK', '1K', 'KK'), "specs": {'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'QQ_KK': R.Spec(slots=(('q', 'q', 0), ('k', 'k', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('1')), (1, Fraction('1')))), '1K_QQ': R.Spec(slots=(('1', 'k', 0), ('q', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('1')), (1, Fraction('1')))), '1K_QQ_KK': R.Spec(slots=(('1', 'k', 0), ('q', 'q', 1), ('k', 'k', 2)), rels=((0, '<=', 1), (2, '<=', 1)), decay=((0, Fraction('1')), (1, Fraction('1')), (2, Fraction('1')))), '1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq1_P_update, "combine": _den_dq1_P_combine}, suffix={"state": {}, "carry": {}, "factors": (), "local": (), "specs": {}, "update": _den_dq1_F_update, "combine": _den_dq1_F_combine}, readout=_den_dq1_readout),
+            R.GradStream(lead='q', prefix={"state": {'K1_OQ_KK': ('d', 'd'), 'K1': ('d', '1'), 'KK': ('d', 'd')}, "carry": {'K1_OQ_KK': ('d', 'd'), 'K1': ('d', '1'), 'KK': ('d', 'd')}, "factors": ('k1', 'kk', 'oq'), "local": ('OQ', 'OQ_KK', 'K1_OQ', 'K1_OQ_KK', 'K1', 'KK'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'K1_OQ': R.Spec(slots=(('k', '1', 0), ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'K1_OQ_KK': R.Spec(slots=(('k', '1', 0), ('o', 'q', 1), ('k', 'k', 2)), rels=(('end', '<=', 1), (0, '<=', 1), (2, '<=', 1)), decay=((0, Fraction('1')), (2, Fraction('1')))), 'K1': R.Spec(slots=(('k', '1', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq2_P_update, "combine": _den_dq2_P_combine}, suffix={"state": {'OQ': ('do', 'd')}, "carry": {'OQ': ('do', 'd')}, "factors": ('oq',), "local": ('OQ',), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),))}, "update": _den_dq2_F_update, "combine": _den_dq2_F_combine}, readout=_den_dq2_readout),
+            R.GradStream(lead='q', prefix={"state": {'KK_QO_1K': ('d', 'd'), 'KK': ('d', 'd'), '1K': ('1', 'd')}, "carry": {'KK_QO_1K': ('d', 'd'), 'KK': ('d', 'd'), '1K': ('1', 'd')}, "factors": ('1k', 'kk', 'qo'), "local": ('QO', 'QO_1K', 'KK_QO', 'KK_QO_1K', 'KK', '1K'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'QO_1K': R.Spec(slots=(('q', 'o', 0), ('1', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'KK_QO': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'KK_QO_1K': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1), ('1', 'k', 2)), rels=(('end', '<=', 1), (0, '<=', 1), (2, '<=', 1)), decay=((0, Fraction('1')), (2, Fraction('1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), '1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq3_P_update, "combine": _den_dq3_P_combine}, suffix={"state": {'QO': ('d', 'do')}, "carry": {'QO': ('d', 'do')}, "factors": ('qo',), "local": ('QO',), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('3')),))}, "update": _den_dq3_F_update, "combine": _den_dq3_F_combine}, readout=_den_dq3_readout),
+        ),
+        "k": (
+            R.GradStream(lead='k', prefix={"state": {'QQ_K1_OQ': ('d', 'd'), 'QQ_K1': ('d', '1'), 'K1': ('d', '1')}, "carry": {'QQ_K1_OQ': ('d', 'd'), 'QQ_K1': ('d', '1'), 'K1': ('d', '1')}, "factors": ('k1', 'oq', 'qq'), "local": ('QQ_Z_OQ', 'QQ_K1_OQ', 'QQ', 'QQ_K1', 'K1'), "specs": {'QQ_Z_OQ': R.Spec(slots=(('q', 'q', 0), None, ('o', 'q', 1)), rels=(('end', '<=', 0), ('end', '<=', 1), (0, '<=', 1), (1, '<=', 0)), decay=((0, Fraction('1')),)), 'QQ_K1_OQ': R.Spec(slots=(('q', 'q', 0), ('k', '1', 1), ('o', 'q', 2)), rels=(('end', '<=', 0), ('end', '<=', 2), (0, '<=', 2), (1, '<=', 0), (1, '<=', 2), (2, '<=', 0)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(('end', '<=', 0),), decay=((0, Fraction('1')),)), 'QQ_K1': R.Spec(slots=(('q', 'q', 0), ('k', '1', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'K1': R.Spec(slots=(('k', '1', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dk1_P_update, "combine": _den_dk1_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'QQ_Z_OQ': ('d', 'd', 'do', 'd'), 'QQ_K1_OQ': ('d', 'd')}, "carry": {'OQ': ('do', 'd'), 'QQ_Z_OQ': ('d', 'd', 'do', 'd'), 'QQ_K1_OQ': ('d', 'd')}, "factors": ('k1', 'oq', 'qq'), "local": ('OQ', 'QQ', 'QQ_Z_OQ', 'K1', 'QQ_K1', 'QQ_K1_OQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QQ_Z_OQ': R.Spec(slots=(('q', 'q', 0), None, ('o', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'K1': R.Spec(slots=(('k', '1', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QQ_K1': R.Spec(slots=(('q', 'q', 0), ('k', '1', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('-1')), (1, Fraction('-1')))), 'QQ_K1_OQ': R.Spec(slots=(('q', 'q', 0), ('k', '1', 1), ('o', 'q', 2)), rels=((0, '<=', 1), (2, '<=', 0), (2, '<=', 1)), decay=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('3'))))}, "update": _den_dk1_F_update, "combine": _den_dk1_F_combine}, readout=_den_dk1_readout),
+            R.GradStream(lead='k', prefix={"state": {'QO_1K_QQ': ('d', 'd'), '1K_QQ': ('1', 'd'), '1K': ('1', 'd')}, "carry": {'QO_1K_QQ': ('d', 'd'), '1K_QQ': ('1', 'd'), '1K': ('1', 'd')}, "factors": ('1k', 'qo', 'qq'), "local": ('QO_Z_QQ', 'QO_1K_QQ', 'QQ', '1K_QQ', '1K'), "specs": {'QO_Z_QQ': R.Spec(slots=(('q', 'o', 0), None, ('q', 'q', 1)), rels=(('end', '<=', 0), ('end', '<=', 1), (0, '<=', 1), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'QO_1K_QQ': R.Spec(slots=(('q', 'o', 0), ('1', 'k', 1), ('q', 'q', 2)), rels=(('end', '<=', 0), ('end', '<=', 2), (0, '<=', 2), (1, '<=', 0), (1, '<=', 2), (2, '<=', 0)), decay=((1, Fraction('1')), (2, Fraction('1')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(('end', '<=', 0),), decay=((0, Fraction('1')),)), '1K_QQ': R.Spec(slots=(('1', 'k', 0), ('q', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')), (1, Fraction('1')))), '1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dk2_P_update, "combine": _den_dk2_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'QO_Z_QQ': ('d', 'do', 'd', 'd'), 'QO_1K_QQ': ('d', 'd')}, "carry": {'QO': ('d', 'do'), 'QO_Z_QQ': ('d', 'do', 'd', 'd'), 'QO_1K_QQ': ('d', 'd')}, "factors": ('1k', 'qo', 'qq'), "local": ('QO', 'QQ', 'QO_Z_QQ', '1K', '1K_QQ', 'QO_1K_QQ'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QO_Z_QQ': R.Spec(slots=(('q', 'o', 0), None, ('q', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), '1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), '1K_QQ': R.Spec(slots=(('1', 'k', 0), ('q', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('-1')))), 'QO_1K_QQ': R.Spec(slots=(('q', 'o', 0), ('1', 'k', 1), ('q', 'q', 2)), rels=((0, '<=', 1), (0, '<=', 2), (2, '<=', 1)), decay=((0, Fraction('3')), (1, Fraction('-1')), (2, Fraction('-1'))))}, "update": _den_dk2_F_update, "combine": _den_dk2_F_combine}, readout=_den_dk2_readout),
+            R.GradStream(lead='1', prefix={"state": {'OQ_KK_QQ': ('do', 'd'), 'KK_QQ': ('d', 'd'), 'KK': ('d', 'd')}, "carry": {'OQ_KK_QQ': ('do', 'd'), 'KK_QQ': ('d', 'd'), 'KK': ('d', 'd')}, "factors": ('kk', 'oq', 'qq'), "local": ('OQ_Z_QQ', 'OQ_KK_QQ', 'QQ', 'KK_QQ', 'KK'), "specs": {'OQ_Z_QQ': R.Spec(slots=(('o', 'q', 0), None, ('q', 'q', 1)), rels=(('end', '<=', 0), ('end', '<=', 1), (0, '<=', 1), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'OQ_KK_QQ': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1), ('q', 'q', 2)), rels=(('end', '<=', 0), ('end', '<=', 2), (0, '<=', 2), (1, '<=', 0), (1, '<=', 2), (2, '<=', 0)), decay=((1, Fraction('1')), (2, Fraction('1')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(('end', '<=', 0),), decay=((0, Fraction('1')),)), 'KK_QQ': R.Spec(slots=(('k', 'k', 0), ('q', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dk3_P_update, "combine": _den_dk3_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'OQ_Z_QQ': ('do', 'd', 'd', 'd'), 'OQ_KK_QQ': ('do', 'd')}, "carry": {'OQ': ('do', 'd'), 'OQ_Z_QQ': ('do', 'd', 'd', 'd'), 'OQ_KK_QQ': ('do', 'd')}, "factors": ('kk', 'oq', 'qq'), "local": ('OQ', 'QQ', 'OQ_Z_QQ', 'KK', 'KK_QQ', 'OQ_KK_QQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'OQ_Z_QQ': R.Spec(slots=(('o', 'q', 0), None, ('q', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'KK_QQ': R.Spec(slots=(('k', 'k', 0), ('q', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('-1')))), 'OQ_KK_QQ': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1), ('q', 'q', 2)), rels=((0, '<=', 1), (0, '<=', 2), (2, '<=', 1)), decay=((0, Fraction('3')), (1, Fraction('-1')), (2, Fraction('-1'))))}, "update": _den_dk3_F_update, "combine": _den_dk3_F_combine}, readout=_den_dk3_readout),
         ),
         "v": (
         ),

@@ -47,6 +47,146 @@ def _num_combine_scan(A, B, rB):
     }
 
 
+def _num_dq1_P_update(S, F, g):
+    return {"VK": (g) * S["VK"] + F["vk"], "QQ": (g) * S["QQ"] + F["qq"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _num_dq1_P_combine(A, B, rB):
+    return {"VK": (rB) * A["VK"] + B["VK"], "QQ": (rB) * A["QQ"] + B["QQ"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _num_dq1_F_update(S, F, g):
+    return {}
+
+
+def _num_dq1_F_combine(A, B, rB):
+    return {}
+
+
+def _num_dq1_readout(S, U, g):
+    return (S["VK"] @ S["QQ"] @ S["KK"])
+
+
+def _num_dq2_P_update(S, F, g):
+    return {"KV_OQ_KK": (g**2) * (S["KV"] @ F["oq"] @ S["KK"]) + (g) * (S["KV"] @ F["oq"] @ F["kk"]) + (g) * (F["kv"] @ F["oq"] @ S["KK"]) + (F["kv"] @ F["oq"] @ F["kk"]), "KV": (g) * S["KV"] + F["kv"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _num_dq2_P_combine(A, B, rB):
+    return {"KV_OQ_KK": (rB**2) * (A["KV"] @ B["OQ"] @ A["KK"]) + (rB) * (A["KV"] @ B["OQ_KK"]) + (rB) * (B["KV_OQ"] @ A["KK"]) + B["KV_OQ_KK"], "KV": (rB) * A["KV"] + B["KV"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _num_dq2_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], "OQ_KK": (g**2) * S["OQ_KK"] + (g**3) * (S["OQ"] @ F["kk"]) + (F["oq"] @ F["kk"]), "KV_OQ": (g**2) * S["KV_OQ"] + (g**3) * (F["kv"] @ S["OQ"]) + (F["kv"] @ F["oq"]), "KV_OQ_KK": (g) * S["KV_OQ_KK"] + (g**2) * (S["KV_OQ"] @ F["kk"]) + (g**2) * (F["kv"] @ S["OQ_KK"]) + (g**3) * (F["kv"] @ S["OQ"] @ F["kk"]) + (F["kv"] @ F["oq"] @ F["kk"]), }
+
+
+def _num_dq2_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], "OQ_KK": (rB**2) * A["OQ_KK"] + (rB**3) * (A["OQ"] @ B["KK"]) + B["OQ_KK"], "KV_OQ": (rB**2) * A["KV_OQ"] + (rB**3) * (B["KV"] @ A["OQ"]) + B["KV_OQ"], "KV_OQ_KK": (rB) * A["KV_OQ_KK"] + (rB**2) * (A["KV_OQ"] @ B["KK"]) + (rB**2) * (B["KV"] @ A["OQ_KK"]) + (rB**3) * (B["KV"] @ A["OQ"] @ B["KK"]) + B["KV_OQ_KK"], }
+
+
+def _num_dq2_readout(S, U, g):
+    return S["KV_OQ_KK"] + (g**3) * (S["KV"] @ U["OQ"] @ S["KK"]) + (g**2) * (S["KV"] @ U["OQ_KK"]) + (g**2) * (U["KV_OQ"] @ S["KK"]) + (g) * U["KV_OQ_KK"]
+
+
+def _num_dq3_P_update(S, F, g):
+    return {"KK_QO_VK": (g**2) * (S["KK"] @ F["qo"] @ S["VK"]) + (g) * (S["KK"] @ F["qo"] @ F["vk"]) + (g) * (F["kk"] @ F["qo"] @ S["VK"]) + (F["kk"] @ F["qo"] @ F["vk"]), "KK": (g) * S["KK"] + F["kk"], "VK": (g) * S["VK"] + F["vk"], }
+
+
+def _num_dq3_P_combine(A, B, rB):
+    return {"KK_QO_VK": (rB**2) * (A["KK"] @ B["QO"] @ A["VK"]) + (rB) * (A["KK"] @ B["QO_VK"]) + (rB) * (B["KK_QO"] @ A["VK"]) + B["KK_QO_VK"], "KK": (rB) * A["KK"] + B["KK"], "VK": (rB) * A["VK"] + B["VK"], }
+
+
+def _num_dq3_F_update(S, F, g):
+    return {"QO": (g**3) * S["QO"] + F["qo"], "QO_VK": (g**2) * S["QO_VK"] + (g**3) * (S["QO"] @ F["vk"]) + (F["qo"] @ F["vk"]), "KK_QO": (g**2) * S["KK_QO"] + (g**3) * (F["kk"] @ S["QO"]) + (F["kk"] @ F["qo"]), "KK_QO_VK": (g) * S["KK_QO_VK"] + (g**2) * (S["KK_QO"] @ F["vk"]) + (g**2) * (F["kk"] @ S["QO_VK"]) + (g**3) * (F["kk"] @ S["QO"] @ F["vk"]) + (F["kk"] @ F["qo"] @ F["vk"]), }
+
+
+def _num_dq3_F_combine(A, B, rB):
+    return {"QO": (rB**3) * A["QO"] + B["QO"], "QO_VK": (rB**2) * A["QO_VK"] + (rB**3) * (A["QO"] @ B["VK"]) + B["QO_VK"], "KK_QO": (rB**2) * A["KK_QO"] + (rB**3) * (B["KK"] @ A["QO"]) + B["KK_QO"], "KK_QO_VK": (rB) * A["KK_QO_VK"] + (rB**2) * (A["KK_QO"] @ B["VK"]) + (rB**2) * (B["KK"] @ A["QO_VK"]) + (rB**3) * (B["KK"] @ A["QO"] @ B["VK"]) + B["KK_QO_VK"], }
+
+
+def _num_dq3_readout(S, U, g):
+    return S["KK_QO_VK"] + (g**3) * (S["KK"] @ U["QO"] @ S["VK"]) + (g**2) * (S["KK"] @ U["QO_VK"]) + (g**2) * (U["KK_QO"] @ S["VK"]) + (g) * U["KK_QO_VK"]
+
+
+def _num_dk1_P_update(S, F, g):
+    return {"QQ_KV_OQ": (g**2) * (S["QQ"] @ S["KV"] @ F["oq"]) + (g) * (S["QQ"] @ F["kv"] @ F["oq"]) + (g) * (F["qq"] @ S["KV"] @ F["oq"]) + (F["qq"] @ F["kv"] @ F["oq"]), "QQ": (g) * S["QQ"] + F["qq"], "KV": (g) * S["KV"] + F["kv"], }
+
+
+def _num_dk1_P_combine(A, B, rB):
+    return {"QQ_KV_OQ": (rB**2) * (A["QQ"] @ A["KV"] @ B["OQ"]) + (rB) * (A["QQ"] @ B["KV_OQ"]) + (rB) * R.apply(B["QQ_Z_OQ"], [A["KV"]], [0]) + B["QQ_KV_OQ"], "QQ": (rB) * A["QQ"] + B["QQ"], "KV": (rB) * A["KV"] + B["KV"], }
+
+
+def _num_dk1_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], "KV_OQ": (g**2) * S["KV_OQ"] + (g**3) * (F["kv"] @ S["OQ"]) + (F["kv"] @ F["oq"]), "QQ_Z_OQ": R.scale((g**2), S["QQ_Z_OQ"], 4) + R.scale((g**3), R.outer([F["qq"], S["OQ"]], [2, 2]), 4) + R.outer([F["qq"], F["oq"]], [2, 2]), "QQ_KV_OQ": (g) * S["QQ_KV_OQ"] + (g**2) * R.apply(S["QQ_Z_OQ"], [F["kv"]], [0]) + (g**2) * (F["qq"] @ S["KV_OQ"]) + (g**3) * (F["qq"] @ F["kv"] @ S["OQ"]) + (F["qq"] @ F["kv"] @ F["oq"]), }
+
+
+def _num_dk1_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], "KV_OQ": (rB**2) * A["KV_OQ"] + (rB**3) * (B["KV"] @ A["OQ"]) + B["KV_OQ"], "QQ_Z_OQ": R.scale((rB**2), A["QQ_Z_OQ"], 4) + R.scale((rB**3), R.outer([B["QQ"], A["OQ"]], [2, 2]), 4) + B["QQ_Z_OQ"], "QQ_KV_OQ": (rB) * A["QQ_KV_OQ"] + (rB**2) * R.apply(A["QQ_Z_OQ"], [B["KV"]], [0]) + (rB**2) * (B["QQ"] @ A["KV_OQ"]) + (rB**3) * (B["QQ"] @ B["KV"] @ A["OQ"]) + B["QQ_KV_OQ"], }
+
+
+def _num_dk1_readout(S, U, g):
+    return S["QQ_KV_OQ"] + (g**3) * (S["QQ"] @ S["KV"] @ U["OQ"]) + (g**2) * (S["QQ"] @ U["KV_OQ"]) + (g**2) * R.apply(U["QQ_Z_OQ"], [S["KV"]], [0]) + (g) * U["QQ_KV_OQ"]
+
+
+def _num_dk2_P_update(S, F, g):
+    return {"QO_VK_QQ": (g**2) * (F["qo"] @ S["VK"] @ S["QQ"]) + (g) * (F["qo"] @ S["VK"] @ F["qq"]) + (g) * (F["qo"] @ F["vk"] @ S["QQ"]) + (F["qo"] @ F["vk"] @ F["qq"]), "VK": (g) * S["VK"] + F["vk"], "QQ": (g) * S["QQ"] + F["qq"], }
+
+
+def _num_dk2_P_combine(A, B, rB):
+    return {"QO_VK_QQ": (rB**2) * (B["QO"] @ A["VK"] @ A["QQ"]) + (rB) * R.apply(B["QO_Z_QQ"], [A["VK"]], [0]) + (rB) * (B["QO_VK"] @ A["QQ"]) + B["QO_VK_QQ"], "VK": (rB) * A["VK"] + B["VK"], "QQ": (rB) * A["QQ"] + B["QQ"], }
+
+
+def _num_dk2_F_update(S, F, g):
+    return {"QO": (g**3) * S["QO"] + F["qo"], "QO_Z_QQ": R.scale((g**2), S["QO_Z_QQ"], 4) + R.scale((g**3), R.outer([S["QO"], F["qq"]], [2, 2]), 4) + R.outer([F["qo"], F["qq"]], [2, 2]), "QO_VK": (g**2) * S["QO_VK"] + (g**3) * (S["QO"] @ F["vk"]) + (F["qo"] @ F["vk"]), "QO_VK_QQ": (g) * S["QO_VK_QQ"] + (g**2) * (S["QO_VK"] @ F["qq"]) + (g**2) * R.apply(S["QO_Z_QQ"], [F["vk"]], [0]) + (g**3) * (S["QO"] @ F["vk"] @ F["qq"]) + (F["qo"] @ F["vk"] @ F["qq"]), }
+
+
+def _num_dk2_F_combine(A, B, rB):
+    return {"QO": (rB**3) * A["QO"] + B["QO"], "QO_Z_QQ": R.scale((rB**2), A["QO_Z_QQ"], 4) + R.scale((rB**3), R.outer([A["QO"], B["QQ"]], [2, 2]), 4) + B["QO_Z_QQ"], "QO_VK": (rB**2) * A["QO_VK"] + (rB**3) * (A["QO"] @ B["VK"]) + B["QO_VK"], "QO_VK_QQ": (rB) * A["QO_VK_QQ"] + (rB**2) * (A["QO_VK"] @ B["QQ"]) + (rB**2) * R.apply(A["QO_Z_QQ"], [B["VK"]], [0]) + (rB**3) * (A["QO"] @ B["VK"] @ B["QQ"]) + B["QO_VK_QQ"], }
+
+
+def _num_dk2_readout(S, U, g):
+    return S["QO_VK_QQ"] + (g**3) * (U["QO"] @ S["VK"] @ S["QQ"]) + (g**2) * R.apply(U["QO_Z_QQ"], [S["VK"]], [0]) + (g**2) * (U["QO_VK"] @ S["QQ"]) + (g) * U["QO_VK_QQ"]
+
+
+def _num_dk3_P_update(S, F, g):
+    return {"OQ_KK_QQ": (g**2) * (F["oq"] @ S["KK"] @ S["QQ"]) + (g) * (F["oq"] @ S["KK"] @ F["qq"]) + (g) * (F["oq"] @ F["kk"] @ S["QQ"]) + (F["oq"] @ F["kk"] @ F["qq"]), "KK": (g) * S["KK"] + F["kk"], "QQ": (g) * S["QQ"] + F["qq"], }
+
+
+def _num_dk3_P_combine(A, B, rB):
+    return {"OQ_KK_QQ": (rB**2) * (B["OQ"] @ A["KK"] @ A["QQ"]) + (rB) * R.apply(B["OQ_Z_QQ"], [A["KK"]], [0]) + (rB) * (B["OQ_KK"] @ A["QQ"]) + B["OQ_KK_QQ"], "KK": (rB) * A["KK"] + B["KK"], "QQ": (rB) * A["QQ"] + B["QQ"], }
+
+
+def _num_dk3_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], "OQ_Z_QQ": R.scale((g**2), S["OQ_Z_QQ"], 4) + R.scale((g**3), R.outer([S["OQ"], F["qq"]], [2, 2]), 4) + R.outer([F["oq"], F["qq"]], [2, 2]), "OQ_KK": (g**2) * S["OQ_KK"] + (g**3) * (S["OQ"] @ F["kk"]) + (F["oq"] @ F["kk"]), "OQ_KK_QQ": (g) * S["OQ_KK_QQ"] + (g**2) * (S["OQ_KK"] @ F["qq"]) + (g**2) * R.apply(S["OQ_Z_QQ"], [F["kk"]], [0]) + (g**3) * (S["OQ"] @ F["kk"] @ F["qq"]) + (F["oq"] @ F["kk"] @ F["qq"]), }
+
+
+def _num_dk3_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], "OQ_Z_QQ": R.scale((rB**2), A["OQ_Z_QQ"], 4) + R.scale((rB**3), R.outer([A["OQ"], B["QQ"]], [2, 2]), 4) + B["OQ_Z_QQ"], "OQ_KK": (rB**2) * A["OQ_KK"] + (rB**3) * (A["OQ"] @ B["KK"]) + B["OQ_KK"], "OQ_KK_QQ": (rB) * A["OQ_KK_QQ"] + (rB**2) * (A["OQ_KK"] @ B["QQ"]) + (rB**2) * R.apply(A["OQ_Z_QQ"], [B["KK"]], [0]) + (rB**3) * (A["OQ"] @ B["KK"] @ B["QQ"]) + B["OQ_KK_QQ"], }
+
+
+def _num_dk3_readout(S, U, g):
+    return S["OQ_KK_QQ"] + (g**3) * (U["OQ"] @ S["KK"] @ S["QQ"]) + (g**2) * R.apply(U["OQ_Z_QQ"], [S["KK"]], [0]) + (g**2) * (U["OQ_KK"] @ S["QQ"]) + (g) * U["OQ_KK_QQ"]
+
+
+def _num_dv1_P_update(S, F, g):
+    return {"QQ_KK_QO": (g**2) * (S["QQ"] @ S["KK"] @ F["qo"]) + (g) * (S["QQ"] @ F["kk"] @ F["qo"]) + (g) * (F["qq"] @ S["KK"] @ F["qo"]) + (F["qq"] @ F["kk"] @ F["qo"]), "QQ": (g) * S["QQ"] + F["qq"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _num_dv1_P_combine(A, B, rB):
+    return {"QQ_KK_QO": (rB**2) * (A["QQ"] @ A["KK"] @ B["QO"]) + (rB) * (A["QQ"] @ B["KK_QO"]) + (rB) * R.apply(B["QQ_Z_QO"], [A["KK"]], [0]) + B["QQ_KK_QO"], "QQ": (rB) * A["QQ"] + B["QQ"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _num_dv1_F_update(S, F, g):
+    return {"QO": (g**3) * S["QO"] + F["qo"], "KK_QO": (g**2) * S["KK_QO"] + (g**3) * (F["kk"] @ S["QO"]) + (F["kk"] @ F["qo"]), "QQ_Z_QO": R.scale((g**2), S["QQ_Z_QO"], 4) + R.scale((g**3), R.outer([F["qq"], S["QO"]], [2, 2]), 4) + R.outer([F["qq"], F["qo"]], [2, 2]), "QQ_KK_QO": (g) * S["QQ_KK_QO"] + (g**2) * R.apply(S["QQ_Z_QO"], [F["kk"]], [0]) + (g**2) * (F["qq"] @ S["KK_QO"]) + (g**3) * (F["qq"] @ F["kk"] @ S["QO"]) + (F["qq"] @ F["kk"] @ F["qo"]), }
+
+
+def _num_dv1_F_combine(A, B, rB):
+    return {"QO": (rB**3) * A["QO"] + B["QO"], "KK_QO": (rB**2) * A["KK_QO"] + (rB**3) * (B["KK"] @ A["QO"]) + B["KK_QO"], "QQ_Z_QO": R.scale((rB**2), A["QQ_Z_QO"], 4) + R.scale((rB**3), R.outer([B["QQ"], A["QO"]], [2, 2]), 4) + B["QQ_Z_QO"], "QQ_KK_QO": (rB) * A["QQ_KK_QO"] + (rB**2) * R.apply(A["QQ_Z_QO"], [B["KK"]], [0]) + (rB**2) * (B["QQ"] @ A["KK_QO"]) + (rB**3) * (B["QQ"] @ B["KK"] @ A["QO"]) + B["QQ_KK_QO"], }
+
+
+def _num_dv1_readout(S, U, g):
+    return S["QQ_KK_QO"] + (g**3) * (S["QQ"] @ S["KK"] @ U["QO"]) + (g**2) * (S["QQ"] @ U["KK_QO"]) + (g**2) * R.apply(U["QQ_Z_QO"], [S["KK"]], [0]) + (g) * U["QQ_KK_QO"]
+
+
 NUM = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_u) * dot(q_u,k_j) * v_j',
     "state": {'KK': ('d', 'd'), 'QQ': ('d', 'd'), 'KV': ('d', 'dv')},
@@ -78,6 +218,21 @@ NUM = {
         ),
         "v": (
             R.GradSpec(lead='k', slots=(('q', 'q', 1), ('k', 'k', 2), ('q', 'o', 3)), rels=((2, '<=', 3), (1, '<=', 3), (0, '<=', 3)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('-1')), (3, Fraction('3'))), nvars=4),  # v_j as the right vector of slot 3 (k_j v_jᵀ)
+        ),
+    },
+    "grad_streams": {
+        "q": (
+            R.GradStream(lead='o', prefix={"state": {'VK': ('dv', 'd'), 'QQ': ('d', 'd'), 'KK': ('d', 'd')}, "carry": {'VK': ('dv', 'd'), 'QQ': ('d', 'd'), 'KK': ('d', 'd')}, "factors": ('kk', 'qq', 'vk'), "local": ('VK', 'QQ', 'KK'), "specs": {'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq1_P_update, "combine": _num_dq1_P_combine}, suffix={"state": {}, "carry": {}, "factors": (), "local": (), "specs": {}, "update": _num_dq1_F_update, "combine": _num_dq1_F_combine}, readout=_num_dq1_readout),
+            R.GradStream(lead='q', prefix={"state": {'KV_OQ_KK': ('d', 'd'), 'KV': ('d', 'dv'), 'KK': ('d', 'd')}, "carry": {'KV_OQ_KK': ('d', 'd'), 'KV': ('d', 'dv'), 'KK': ('d', 'd')}, "factors": ('kk', 'kv', 'oq'), "local": ('OQ', 'OQ_KK', 'KV_OQ', 'KV_OQ_KK', 'KV', 'KK'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'KV_OQ': R.Spec(slots=(('k', 'v', 0), ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'KV_OQ_KK': R.Spec(slots=(('k', 'v', 0), ('o', 'q', 1), ('k', 'k', 2)), rels=(('end', '<=', 1), (0, '<=', 1), (2, '<=', 1)), decay=((0, Fraction('1')), (2, Fraction('1')))), 'KV': R.Spec(slots=(('k', 'v', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq2_P_update, "combine": _num_dq2_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'OQ_KK': ('do', 'd'), 'KV_OQ': ('d', 'd'), 'KV_OQ_KK': ('d', 'd')}, "carry": {'OQ': ('do', 'd'), 'OQ_KK': ('do', 'd'), 'KV_OQ': ('d', 'd'), 'KV_OQ_KK': ('d', 'd')}, "factors": ('kk', 'kv', 'oq'), "local": ('OQ', 'KK', 'OQ_KK', 'KV', 'KV_OQ', 'KV_OQ_KK'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'KV': R.Spec(slots=(('k', 'v', 0),), rels=(), decay=((0, Fraction('-1')),)), 'KV_OQ': R.Spec(slots=(('k', 'v', 0), ('o', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'KV_OQ_KK': R.Spec(slots=(('k', 'v', 0), ('o', 'q', 1), ('k', 'k', 2)), rels=((1, '<=', 0), (1, '<=', 2)), decay=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1'))))}, "update": _num_dq2_F_update, "combine": _num_dq2_F_combine}, readout=_num_dq2_readout),
+            R.GradStream(lead='q', prefix={"state": {'KK_QO_VK': ('d', 'd'), 'KK': ('d', 'd'), 'VK': ('dv', 'd')}, "carry": {'KK_QO_VK': ('d', 'd'), 'KK': ('d', 'd'), 'VK': ('dv', 'd')}, "factors": ('kk', 'qo', 'vk'), "local": ('QO', 'QO_VK', 'KK_QO', 'KK_QO_VK', 'KK', 'VK'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'QO_VK': R.Spec(slots=(('q', 'o', 0), ('v', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'KK_QO': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'KK_QO_VK': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1), ('v', 'k', 2)), rels=(('end', '<=', 1), (0, '<=', 1), (2, '<=', 1)), decay=((0, Fraction('1')), (2, Fraction('1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), 'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dq3_P_update, "combine": _num_dq3_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'QO_VK': ('d', 'd'), 'KK_QO': ('d', 'do'), 'KK_QO_VK': ('d', 'd')}, "carry": {'QO': ('d', 'do'), 'QO_VK': ('d', 'd'), 'KK_QO': ('d', 'do'), 'KK_QO_VK': ('d', 'd')}, "factors": ('kk', 'qo', 'vk'), "local": ('QO', 'VK', 'QO_VK', 'KK', 'KK_QO', 'KK_QO_VK'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('3')),)), 'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QO_VK': R.Spec(slots=(('q', 'o', 0), ('v', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'KK_QO': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'KK_QO_VK': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1), ('v', 'k', 2)), rels=((1, '<=', 0), (1, '<=', 2)), decay=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1'))))}, "update": _num_dq3_F_update, "combine": _num_dq3_F_combine}, readout=_num_dq3_readout),
+        ),
+        "k": (
+            R.GradStream(lead='k', prefix={"state": {'QQ_KV_OQ': ('d', 'd'), 'QQ': ('d', 'd'), 'KV': ('d', 'dv')}, "carry": {'QQ_KV_OQ': ('d', 'd'), 'QQ': ('d', 'd'), 'KV': ('d', 'dv')}, "factors": ('kv', 'oq', 'qq'), "local": ('OQ', 'KV_OQ', 'QQ_Z_OQ', 'QQ_KV_OQ', 'QQ', 'KV'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'KV_OQ': R.Spec(slots=(('k', 'v', 0), ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'QQ_Z_OQ': R.Spec(slots=(('q', 'q', 0), None, ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'QQ_KV_OQ': R.Spec(slots=(('q', 'q', 0), ('k', 'v', 1), ('o', 'q', 2)), rels=(('end', '<=', 2), (0, '<=', 2), (1, '<=', 2)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'KV': R.Spec(slots=(('k', 'v', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dk1_P_update, "combine": _num_dk1_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'KV_OQ': ('d', 'd'), 'QQ_Z_OQ': ('d', 'd', 'do', 'd'), 'QQ_KV_OQ': ('d', 'd')}, "carry": {'OQ': ('do', 'd'), 'KV_OQ': ('d', 'd'), 'QQ_Z_OQ': ('d', 'd', 'do', 'd'), 'QQ_KV_OQ': ('d', 'd')}, "factors": ('kv', 'oq', 'qq'), "local": ('OQ', 'KV', 'KV_OQ', 'QQ', 'QQ_Z_OQ', 'QQ_KV_OQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),)), 'KV': R.Spec(slots=(('k', 'v', 0),), rels=(), decay=((0, Fraction('-1')),)), 'KV_OQ': R.Spec(slots=(('k', 'v', 0), ('o', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QQ_Z_OQ': R.Spec(slots=(('q', 'q', 0), None, ('o', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'QQ_KV_OQ': R.Spec(slots=(('q', 'q', 0), ('k', 'v', 1), ('o', 'q', 2)), rels=((2, '<=', 0), (2, '<=', 1)), decay=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('3'))))}, "update": _num_dk1_F_update, "combine": _num_dk1_F_combine}, readout=_num_dk1_readout),
+            R.GradStream(lead='k', prefix={"state": {'QO_VK_QQ': ('d', 'd'), 'VK': ('dv', 'd'), 'QQ': ('d', 'd')}, "carry": {'QO_VK_QQ': ('d', 'd'), 'VK': ('dv', 'd'), 'QQ': ('d', 'd')}, "factors": ('qo', 'qq', 'vk'), "local": ('QO', 'QO_Z_QQ', 'QO_VK', 'QO_VK_QQ', 'VK', 'QQ'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'QO_Z_QQ': R.Spec(slots=(('q', 'o', 0), None, ('q', 'q', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'QO_VK': R.Spec(slots=(('q', 'o', 0), ('v', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'QO_VK_QQ': R.Spec(slots=(('q', 'o', 0), ('v', 'k', 1), ('q', 'q', 2)), rels=(('end', '<=', 0), (1, '<=', 0), (2, '<=', 0)), decay=((1, Fraction('1')), (2, Fraction('1')))), 'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dk2_P_update, "combine": _num_dk2_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'QO_Z_QQ': ('d', 'do', 'd', 'd'), 'QO_VK': ('d', 'd'), 'QO_VK_QQ': ('d', 'd')}, "carry": {'QO': ('d', 'do'), 'QO_Z_QQ': ('d', 'do', 'd', 'd'), 'QO_VK': ('d', 'd'), 'QO_VK_QQ': ('d', 'd')}, "factors": ('qo', 'qq', 'vk'), "local": ('QO', 'QQ', 'QO_Z_QQ', 'VK', 'QO_VK', 'QO_VK_QQ'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QO_Z_QQ': R.Spec(slots=(('q', 'o', 0), None, ('q', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'VK': R.Spec(slots=(('v', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QO_VK': R.Spec(slots=(('q', 'o', 0), ('v', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'QO_VK_QQ': R.Spec(slots=(('q', 'o', 0), ('v', 'k', 1), ('q', 'q', 2)), rels=((0, '<=', 1), (0, '<=', 2)), decay=((0, Fraction('3')), (1, Fraction('-1')), (2, Fraction('-1'))))}, "update": _num_dk2_F_update, "combine": _num_dk2_F_combine}, readout=_num_dk2_readout),
+            R.GradStream(lead='v', prefix={"state": {'OQ_KK_QQ': ('do', 'd'), 'KK': ('d', 'd'), 'QQ': ('d', 'd')}, "carry": {'OQ_KK_QQ': ('do', 'd'), 'KK': ('d', 'd'), 'QQ': ('d', 'd')}, "factors": ('kk', 'oq', 'qq'), "local": ('OQ', 'OQ_Z_QQ', 'OQ_KK', 'OQ_KK_QQ', 'KK', 'QQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'OQ_Z_QQ': R.Spec(slots=(('o', 'q', 0), None, ('q', 'q', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'OQ_KK_QQ': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1), ('q', 'q', 2)), rels=(('end', '<=', 0), (1, '<=', 0), (2, '<=', 0)), decay=((1, Fraction('1')), (2, Fraction('1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dk3_P_update, "combine": _num_dk3_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'OQ_Z_QQ': ('do', 'd', 'd', 'd'), 'OQ_KK': ('do', 'd'), 'OQ_KK_QQ': ('do', 'd')}, "carry": {'OQ': ('do', 'd'), 'OQ_Z_QQ': ('do', 'd', 'd', 'd'), 'OQ_KK': ('do', 'd'), 'OQ_KK_QQ': ('do', 'd')}, "factors": ('kk', 'oq', 'qq'), "local": ('OQ', 'QQ', 'OQ_Z_QQ', 'KK', 'OQ_KK', 'OQ_KK_QQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'OQ_Z_QQ': R.Spec(slots=(('o', 'q', 0), None, ('q', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'OQ_KK_QQ': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1), ('q', 'q', 2)), rels=((0, '<=', 1), (0, '<=', 2)), decay=((0, Fraction('3')), (1, Fraction('-1')), (2, Fraction('-1'))))}, "update": _num_dk3_F_update, "combine": _num_dk3_F_combine}, readout=_num_dk3_readout),
+        ),
+        "v": (
+            R.GradStream(lead='k', prefix={"state": {'QQ_KK_QO': ('d', 'do'), 'QQ': ('d', 'd'), 'KK': ('d', 'd')}, "carry": {'QQ_KK_QO': ('d', 'do'), 'QQ': ('d', 'd'), 'KK': ('d', 'd')}, "factors": ('kk', 'qo', 'qq'), "local": ('QO', 'KK_QO', 'QQ_Z_QO', 'QQ_KK_QO', 'QQ', 'KK'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'KK_QO': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'QQ_Z_QO': R.Spec(slots=(('q', 'q', 0), None, ('q', 'o', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'QQ_KK_QO': R.Spec(slots=(('q', 'q', 0), ('k', 'k', 1), ('q', 'o', 2)), rels=(('end', '<=', 2), (0, '<=', 2), (1, '<=', 2)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _num_dv1_P_update, "combine": _num_dv1_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'KK_QO': ('d', 'do'), 'QQ_Z_QO': ('d', 'd', 'd', 'do'), 'QQ_KK_QO': ('d', 'do')}, "carry": {'QO': ('d', 'do'), 'KK_QO': ('d', 'do'), 'QQ_Z_QO': ('d', 'd', 'd', 'do'), 'QQ_KK_QO': ('d', 'do')}, "factors": ('kk', 'qo', 'qq'), "local": ('QO', 'KK', 'KK_QO', 'QQ', 'QQ_Z_QO', 'QQ_KK_QO'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('3')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'KK_QO': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QQ_Z_QO': R.Spec(slots=(('q', 'q', 0), None, ('q', 'o', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'QQ_KK_QO': R.Spec(slots=(('q', 'q', 0), ('k', 'k', 1), ('q', 'o', 2)), rels=((2, '<=', 0), (2, '<=', 1)), decay=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('3'))))}, "update": _num_dv1_F_update, "combine": _num_dv1_F_combine}, readout=_num_dv1_readout),
         ),
     },
 }
@@ -112,6 +267,126 @@ def _den_combine_scan(A, B, rB):
     }
 
 
+def _den_dq1_P_update(S, F, g):
+    return {"1K": (g) * S["1K"] + F["1k"], "QQ": (g) * S["QQ"] + F["qq"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _den_dq1_P_combine(A, B, rB):
+    return {"1K": (rB) * A["1K"] + B["1K"], "QQ": (rB) * A["QQ"] + B["QQ"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _den_dq1_F_update(S, F, g):
+    return {}
+
+
+def _den_dq1_F_combine(A, B, rB):
+    return {}
+
+
+def _den_dq1_readout(S, U, g):
+    return (S["1K"] @ S["QQ"] @ S["KK"])
+
+
+def _den_dq2_P_update(S, F, g):
+    return {"K1_OQ_KK": (g**2) * (S["K1"] @ F["oq"] @ S["KK"]) + (g) * (S["K1"] @ F["oq"] @ F["kk"]) + (g) * (F["k1"] @ F["oq"] @ S["KK"]) + (F["k1"] @ F["oq"] @ F["kk"]), "K1": (g) * S["K1"] + F["k1"], "KK": (g) * S["KK"] + F["kk"], }
+
+
+def _den_dq2_P_combine(A, B, rB):
+    return {"K1_OQ_KK": (rB**2) * (A["K1"] @ B["OQ"] @ A["KK"]) + (rB) * (A["K1"] @ B["OQ_KK"]) + (rB) * (B["K1_OQ"] @ A["KK"]) + B["K1_OQ_KK"], "K1": (rB) * A["K1"] + B["K1"], "KK": (rB) * A["KK"] + B["KK"], }
+
+
+def _den_dq2_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], "OQ_KK": (g**2) * S["OQ_KK"] + (g**3) * (S["OQ"] @ F["kk"]) + (F["oq"] @ F["kk"]), "K1_OQ": (g**2) * S["K1_OQ"] + (g**3) * (F["k1"] @ S["OQ"]) + (F["k1"] @ F["oq"]), "K1_OQ_KK": (g) * S["K1_OQ_KK"] + (g**2) * (S["K1_OQ"] @ F["kk"]) + (g**2) * (F["k1"] @ S["OQ_KK"]) + (g**3) * (F["k1"] @ S["OQ"] @ F["kk"]) + (F["k1"] @ F["oq"] @ F["kk"]), }
+
+
+def _den_dq2_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], "OQ_KK": (rB**2) * A["OQ_KK"] + (rB**3) * (A["OQ"] @ B["KK"]) + B["OQ_KK"], "K1_OQ": (rB**2) * A["K1_OQ"] + (rB**3) * (B["K1"] @ A["OQ"]) + B["K1_OQ"], "K1_OQ_KK": (rB) * A["K1_OQ_KK"] + (rB**2) * (A["K1_OQ"] @ B["KK"]) + (rB**2) * (B["K1"] @ A["OQ_KK"]) + (rB**3) * (B["K1"] @ A["OQ"] @ B["KK"]) + B["K1_OQ_KK"], }
+
+
+def _den_dq2_readout(S, U, g):
+    return S["K1_OQ_KK"] + (g**3) * (S["K1"] @ U["OQ"] @ S["KK"]) + (g**2) * (S["K1"] @ U["OQ_KK"]) + (g**2) * (U["K1_OQ"] @ S["KK"]) + (g) * U["K1_OQ_KK"]
+
+
+def _den_dq3_P_update(S, F, g):
+    return {"KK_QO_1K": (g**2) * (S["KK"] @ F["qo"] @ S["1K"]) + (g) * (S["KK"] @ F["qo"] @ F["1k"]) + (g) * (F["kk"] @ F["qo"] @ S["1K"]) + (F["kk"] @ F["qo"] @ F["1k"]), "KK": (g) * S["KK"] + F["kk"], "1K": (g) * S["1K"] + F["1k"], }
+
+
+def _den_dq3_P_combine(A, B, rB):
+    return {"KK_QO_1K": (rB**2) * (A["KK"] @ B["QO"] @ A["1K"]) + (rB) * (A["KK"] @ B["QO_1K"]) + (rB) * (B["KK_QO"] @ A["1K"]) + B["KK_QO_1K"], "KK": (rB) * A["KK"] + B["KK"], "1K": (rB) * A["1K"] + B["1K"], }
+
+
+def _den_dq3_F_update(S, F, g):
+    return {"QO": (g**3) * S["QO"] + F["qo"], "QO_1K": (g**2) * S["QO_1K"] + (g**3) * (S["QO"] @ F["1k"]) + (F["qo"] @ F["1k"]), "KK_QO": (g**2) * S["KK_QO"] + (g**3) * (F["kk"] @ S["QO"]) + (F["kk"] @ F["qo"]), "KK_QO_1K": (g) * S["KK_QO_1K"] + (g**2) * (S["KK_QO"] @ F["1k"]) + (g**2) * (F["kk"] @ S["QO_1K"]) + (g**3) * (F["kk"] @ S["QO"] @ F["1k"]) + (F["kk"] @ F["qo"] @ F["1k"]), }
+
+
+def _den_dq3_F_combine(A, B, rB):
+    return {"QO": (rB**3) * A["QO"] + B["QO"], "QO_1K": (rB**2) * A["QO_1K"] + (rB**3) * (A["QO"] @ B["1K"]) + B["QO_1K"], "KK_QO": (rB**2) * A["KK_QO"] + (rB**3) * (B["KK"] @ A["QO"]) + B["KK_QO"], "KK_QO_1K": (rB) * A["KK_QO_1K"] + (rB**2) * (A["KK_QO"] @ B["1K"]) + (rB**2) * (B["KK"] @ A["QO_1K"]) + (rB**3) * (B["KK"] @ A["QO"] @ B["1K"]) + B["KK_QO_1K"], }
+
+
+def _den_dq3_readout(S, U, g):
+    return S["KK_QO_1K"] + (g**3) * (S["KK"] @ U["QO"] @ S["1K"]) + (g**2) * (S["KK"] @ U["QO_1K"]) + (g**2) * (U["KK_QO"] @ S["1K"]) + (g) * U["KK_QO_1K"]
+
+
+def _den_dk1_P_update(S, F, g):
+    return {"QQ_K1_OQ": (g**2) * (S["QQ"] @ S["K1"] @ F["oq"]) + (g) * (S["QQ"] @ F["k1"] @ F["oq"]) + (g) * (F["qq"] @ S["K1"] @ F["oq"]) + (F["qq"] @ F["k1"] @ F["oq"]), "QQ": (g) * S["QQ"] + F["qq"], "K1": (g) * S["K1"] + F["k1"], }
+
+
+def _den_dk1_P_combine(A, B, rB):
+    return {"QQ_K1_OQ": (rB**2) * (A["QQ"] @ A["K1"] @ B["OQ"]) + (rB) * (A["QQ"] @ B["K1_OQ"]) + (rB) * R.apply(B["QQ_Z_OQ"], [A["K1"]], [0]) + B["QQ_K1_OQ"], "QQ": (rB) * A["QQ"] + B["QQ"], "K1": (rB) * A["K1"] + B["K1"], }
+
+
+def _den_dk1_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], "K1_OQ": (g**2) * S["K1_OQ"] + (g**3) * (F["k1"] @ S["OQ"]) + (F["k1"] @ F["oq"]), "QQ_Z_OQ": R.scale((g**2), S["QQ_Z_OQ"], 4) + R.scale((g**3), R.outer([F["qq"], S["OQ"]], [2, 2]), 4) + R.outer([F["qq"], F["oq"]], [2, 2]), "QQ_K1_OQ": (g) * S["QQ_K1_OQ"] + (g**2) * R.apply(S["QQ_Z_OQ"], [F["k1"]], [0]) + (g**2) * (F["qq"] @ S["K1_OQ"]) + (g**3) * (F["qq"] @ F["k1"] @ S["OQ"]) + (F["qq"] @ F["k1"] @ F["oq"]), }
+
+
+def _den_dk1_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], "K1_OQ": (rB**2) * A["K1_OQ"] + (rB**3) * (B["K1"] @ A["OQ"]) + B["K1_OQ"], "QQ_Z_OQ": R.scale((rB**2), A["QQ_Z_OQ"], 4) + R.scale((rB**3), R.outer([B["QQ"], A["OQ"]], [2, 2]), 4) + B["QQ_Z_OQ"], "QQ_K1_OQ": (rB) * A["QQ_K1_OQ"] + (rB**2) * R.apply(A["QQ_Z_OQ"], [B["K1"]], [0]) + (rB**2) * (B["QQ"] @ A["K1_OQ"]) + (rB**3) * (B["QQ"] @ B["K1"] @ A["OQ"]) + B["QQ_K1_OQ"], }
+
+
+def _den_dk1_readout(S, U, g):
+    return S["QQ_K1_OQ"] + (g**3) * (S["QQ"] @ S["K1"] @ U["OQ"]) + (g**2) * (S["QQ"] @ U["K1_OQ"]) + (g**2) * R.apply(U["QQ_Z_OQ"], [S["K1"]], [0]) + (g) * U["QQ_K1_OQ"]
+
+
+def _den_dk2_P_update(S, F, g):
+    return {"QO_1K_QQ": (g**2) * (F["qo"] @ S["1K"] @ S["QQ"]) + (g) * (F["qo"] @ S["1K"] @ F["qq"]) + (g) * (F["qo"] @ F["1k"] @ S["QQ"]) + (F["qo"] @ F["1k"] @ F["qq"]), "1K": (g) * S["1K"] + F["1k"], "QQ": (g) * S["QQ"] + F["qq"], }
+
+
+def _den_dk2_P_combine(A, B, rB):
+    return {"QO_1K_QQ": (rB**2) * (B["QO"] @ A["1K"] @ A["QQ"]) + (rB) * R.apply(B["QO_Z_QQ"], [A["1K"]], [0]) + (rB) * (B["QO_1K"] @ A["QQ"]) + B["QO_1K_QQ"], "1K": (rB) * A["1K"] + B["1K"], "QQ": (rB) * A["QQ"] + B["QQ"], }
+
+
+def _den_dk2_F_update(S, F, g):
+    return {"QO": (g**3) * S["QO"] + F["qo"], "QO_Z_QQ": R.scale((g**2), S["QO_Z_QQ"], 4) + R.scale((g**3), R.outer([S["QO"], F["qq"]], [2, 2]), 4) + R.outer([F["qo"], F["qq"]], [2, 2]), "QO_1K": (g**2) * S["QO_1K"] + (g**3) * (S["QO"] @ F["1k"]) + (F["qo"] @ F["1k"]), "QO_1K_QQ": (g) * S["QO_1K_QQ"] + (g**2) * (S["QO_1K"] @ F["qq"]) + (g**2) * R.apply(S["QO_Z_QQ"], [F["1k"]], [0]) + (g**3) * (S["QO"] @ F["1k"] @ F["qq"]) + (F["qo"] @ F["1k"] @ F["qq"]), }
+
+
+def _den_dk2_F_combine(A, B, rB):
+    return {"QO": (rB**3) * A["QO"] + B["QO"], "QO_Z_QQ": R.scale((rB**2), A["QO_Z_QQ"], 4) + R.scale((rB**3), R.outer([A["QO"], B["QQ"]], [2, 2]), 4) + B["QO_Z_QQ"], "QO_1K": (rB**2) * A["QO_1K"] + (rB**3) * (A["QO"] @ B["1K"]) + B["QO_1K"], "QO_1K_QQ": (rB) * A["QO_1K_QQ"] + (rB**2) * (A["QO_1K"] @ B["QQ"]) + (rB**2) * R.apply(A["QO_Z_QQ"], [B["1K"]], [0]) + (rB**3) * (A["QO"] @ B["1K"] @ B["QQ"]) + B["QO_1K_QQ"], }
+
+
+def _den_dk2_readout(S, U, g):
+    return S["QO_1K_QQ"] + (g**3) * (U["QO"] @ S["1K"] @ S["QQ"]) + (g**2) * R.apply(U["QO_Z_QQ"], [S["1K"]], [0]) + (g**2) * (U["QO_1K"] @ S["QQ"]) + (g) * U["QO_1K_QQ"]
+
+
+def _den_dk3_P_update(S, F, g):
+    return {"OQ_KK_QQ": (g**2) * (F["oq"] @ S["KK"] @ S["QQ"]) + (g) * (F["oq"] @ S["KK"] @ F["qq"]) + (g) * (F["oq"] @ F["kk"] @ S["QQ"]) + (F["oq"] @ F["kk"] @ F["qq"]), "KK": (g) * S["KK"] + F["kk"], "QQ": (g) * S["QQ"] + F["qq"], }
+
+
+def _den_dk3_P_combine(A, B, rB):
+    return {"OQ_KK_QQ": (rB**2) * (B["OQ"] @ A["KK"] @ A["QQ"]) + (rB) * R.apply(B["OQ_Z_QQ"], [A["KK"]], [0]) + (rB) * (B["OQ_KK"] @ A["QQ"]) + B["OQ_KK_QQ"], "KK": (rB) * A["KK"] + B["KK"], "QQ": (rB) * A["QQ"] + B["QQ"], }
+
+
+def _den_dk3_F_update(S, F, g):
+    return {"OQ": (g**3) * S["OQ"] + F["oq"], "OQ_Z_QQ": R.scale((g**2), S["OQ_Z_QQ"], 4) + R.scale((g**3), R.outer([S["OQ"], F["qq"]], [2, 2]), 4) + R.outer([F["oq"], F["qq"]], [2, 2]), "OQ_KK": (g**2) * S["OQ_KK"] + (g**3) * (S["OQ"] @ F["kk"]) + (F["oq"] @ F["kk"]), "OQ_KK_QQ": (g) * S["OQ_KK_QQ"] + (g**2) * (S["OQ_KK"] @ F["qq"]) + (g**2) * R.apply(S["OQ_Z_QQ"], [F["kk"]], [0]) + (g**3) * (S["OQ"] @ F["kk"] @ F["qq"]) + (F["oq"] @ F["kk"] @ F["qq"]), }
+
+
+def _den_dk3_F_combine(A, B, rB):
+    return {"OQ": (rB**3) * A["OQ"] + B["OQ"], "OQ_Z_QQ": R.scale((rB**2), A["OQ_Z_QQ"], 4) + R.scale((rB**3), R.outer([A["OQ"], B["QQ"]], [2, 2]), 4) + B["OQ_Z_QQ"], "OQ_KK": (rB**2) * A["OQ_KK"] + (rB**3) * (A["OQ"] @ B["KK"]) + B["OQ_KK"], "OQ_KK_QQ": (rB) * A["OQ_KK_QQ"] + (rB**2) * (A["OQ_KK"] @ B["QQ"]) + (rB**2) * R.apply(A["OQ_Z_QQ"], [B["KK"]], [0]) + (rB**3) * (A["OQ"] @ B["KK"] @ B["QQ"]) + B["OQ_KK_QQ"], }
+
+
+def _den_dk3_readout(S, U, g):
+    return S["OQ_KK_QQ"] + (g**3) * (U["OQ"] @ S["KK"] @ S["QQ"]) + (g**2) * R.apply(U["OQ_Z_QQ"], [S["KK"]], [0]) + (g**2) * (U["OQ_KK"] @ S["QQ"]) + (g) * U["OQ_KK_QQ"]
+
+
 DEN = {
     "pattern": 'dot(q_t,k_i) * dot(k_i,q_u) * dot(q_u,k_j) * 1_j',
     "state": {'KK': ('d', 'd'), 'QQ': ('d', 'd'), 'K1': ('d', '1')},
@@ -140,6 +415,20 @@ DEN = {
             R.GradSpec(lead='k', slots=(('q', 'q', 1), ('k', '1', 2), ('o', 'q', 3)), rels=((0, '<=', 3), (1, '<=', 3), (2, '<=', 3)), expo=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('-1')), (3, Fraction('3'))), nvars=4),  # k_i as the left vector of slot 1 (k_i k_iᵀ)
             R.GradSpec(lead='k', slots=(('q', 'o', 1), ('1', 'k', 2), ('q', 'q', 3)), rels=((0, '<=', 1), (3, '<=', 1), (2, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1')), (3, Fraction('-1'))), nvars=4),  # k_i as the right vector of slot 1 (k_i k_iᵀ)
             R.GradSpec(lead='1', slots=(('o', 'q', 1), ('k', 'k', 2), ('q', 'q', 3)), rels=((2, '<=', 1), (3, '<=', 1), (0, '<=', 1)), expo=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1')), (3, Fraction('-1'))), nvars=4),  # k_j as the left vector of slot 3 (k_j 1_jᵀ)
+        ),
+        "v": (
+        ),
+    },
+    "grad_streams": {
+        "q": (
+            R.GradStream(lead='o', prefix={"state": {'1K': ('1', 'd'), 'QQ': ('d', 'd'), 'KK': ('d', 'd')}, "carry": {'1K': ('1', 'd'), 'QQ': ('d', 'd'), 'KK': ('d', 'd')}, "factors": ('1k', 'kk', 'qq'), "local": ('1K', 'QQ', 'KK'), "specs": {'1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq1_P_update, "combine": _den_dq1_P_combine}, suffix={"state": {}, "carry": {}, "factors": (), "local": (), "specs": {}, "update": _den_dq1_F_update, "combine": _den_dq1_F_combine}, readout=_den_dq1_readout),
+            R.GradStream(lead='q', prefix={"state": {'K1_OQ_KK': ('d', 'd'), 'K1': ('d', '1'), 'KK': ('d', 'd')}, "carry": {'K1_OQ_KK': ('d', 'd'), 'K1': ('d', '1'), 'KK': ('d', 'd')}, "factors": ('k1', 'kk', 'oq'), "local": ('OQ', 'OQ_KK', 'K1_OQ', 'K1_OQ_KK', 'K1', 'KK'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'K1_OQ': R.Spec(slots=(('k', '1', 0), ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'K1_OQ_KK': R.Spec(slots=(('k', '1', 0), ('o', 'q', 1), ('k', 'k', 2)), rels=(('end', '<=', 1), (0, '<=', 1), (2, '<=', 1)), decay=((0, Fraction('1')), (2, Fraction('1')))), 'K1': R.Spec(slots=(('k', '1', 0),), rels=(), decay=((0, Fraction('1')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq2_P_update, "combine": _den_dq2_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'OQ_KK': ('do', 'd'), 'K1_OQ': ('d', 'd'), 'K1_OQ_KK': ('d', 'd')}, "carry": {'OQ': ('do', 'd'), 'OQ_KK': ('do', 'd'), 'K1_OQ': ('d', 'd'), 'K1_OQ_KK': ('d', 'd')}, "factors": ('k1', 'kk', 'oq'), "local": ('OQ', 'KK', 'OQ_KK', 'K1', 'K1_OQ', 'K1_OQ_KK'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),)), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'K1': R.Spec(slots=(('k', '1', 0),), rels=(), decay=((0, Fraction('-1')),)), 'K1_OQ': R.Spec(slots=(('k', '1', 0), ('o', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'K1_OQ_KK': R.Spec(slots=(('k', '1', 0), ('o', 'q', 1), ('k', 'k', 2)), rels=((1, '<=', 0), (1, '<=', 2)), decay=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1'))))}, "update": _den_dq2_F_update, "combine": _den_dq2_F_combine}, readout=_den_dq2_readout),
+            R.GradStream(lead='q', prefix={"state": {'KK_QO_1K': ('d', 'd'), 'KK': ('d', 'd'), '1K': ('1', 'd')}, "carry": {'KK_QO_1K': ('d', 'd'), 'KK': ('d', 'd'), '1K': ('1', 'd')}, "factors": ('1k', 'kk', 'qo'), "local": ('QO', 'QO_1K', 'KK_QO', 'KK_QO_1K', 'KK', '1K'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'QO_1K': R.Spec(slots=(('q', 'o', 0), ('1', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'KK_QO': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'KK_QO_1K': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1), ('1', 'k', 2)), rels=(('end', '<=', 1), (0, '<=', 1), (2, '<=', 1)), decay=((0, Fraction('1')), (2, Fraction('1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), '1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dq3_P_update, "combine": _den_dq3_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'QO_1K': ('d', 'd'), 'KK_QO': ('d', 'do'), 'KK_QO_1K': ('d', 'd')}, "carry": {'QO': ('d', 'do'), 'QO_1K': ('d', 'd'), 'KK_QO': ('d', 'do'), 'KK_QO_1K': ('d', 'd')}, "factors": ('1k', 'kk', 'qo'), "local": ('QO', '1K', 'QO_1K', 'KK', 'KK_QO', 'KK_QO_1K'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('3')),)), '1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QO_1K': R.Spec(slots=(('q', 'o', 0), ('1', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'KK_QO': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'KK_QO_1K': R.Spec(slots=(('k', 'k', 0), ('q', 'o', 1), ('1', 'k', 2)), rels=((1, '<=', 0), (1, '<=', 2)), decay=((0, Fraction('-1')), (1, Fraction('3')), (2, Fraction('-1'))))}, "update": _den_dq3_F_update, "combine": _den_dq3_F_combine}, readout=_den_dq3_readout),
+        ),
+        "k": (
+            R.GradStream(lead='k', prefix={"state": {'QQ_K1_OQ': ('d', 'd'), 'QQ': ('d', 'd'), 'K1': ('d', '1')}, "carry": {'QQ_K1_OQ': ('d', 'd'), 'QQ': ('d', 'd'), 'K1': ('d', '1')}, "factors": ('k1', 'oq', 'qq'), "local": ('OQ', 'K1_OQ', 'QQ_Z_OQ', 'QQ_K1_OQ', 'QQ', 'K1'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'K1_OQ': R.Spec(slots=(('k', '1', 0), ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'QQ_Z_OQ': R.Spec(slots=(('q', 'q', 0), None, ('o', 'q', 1)), rels=(('end', '<=', 1), (0, '<=', 1)), decay=((0, Fraction('1')),)), 'QQ_K1_OQ': R.Spec(slots=(('q', 'q', 0), ('k', '1', 1), ('o', 'q', 2)), rels=(('end', '<=', 2), (0, '<=', 2), (1, '<=', 2)), decay=((0, Fraction('1')), (1, Fraction('1')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),)), 'K1': R.Spec(slots=(('k', '1', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dk1_P_update, "combine": _den_dk1_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'K1_OQ': ('d', 'd'), 'QQ_Z_OQ': ('d', 'd', 'do', 'd'), 'QQ_K1_OQ': ('d', 'd')}, "carry": {'OQ': ('do', 'd'), 'K1_OQ': ('d', 'd'), 'QQ_Z_OQ': ('d', 'd', 'do', 'd'), 'QQ_K1_OQ': ('d', 'd')}, "factors": ('k1', 'oq', 'qq'), "local": ('OQ', 'K1', 'K1_OQ', 'QQ', 'QQ_Z_OQ', 'QQ_K1_OQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),)), 'K1': R.Spec(slots=(('k', '1', 0),), rels=(), decay=((0, Fraction('-1')),)), 'K1_OQ': R.Spec(slots=(('k', '1', 0), ('o', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QQ_Z_OQ': R.Spec(slots=(('q', 'q', 0), None, ('o', 'q', 1)), rels=((1, '<=', 0),), decay=((0, Fraction('-1')), (1, Fraction('3')))), 'QQ_K1_OQ': R.Spec(slots=(('q', 'q', 0), ('k', '1', 1), ('o', 'q', 2)), rels=((2, '<=', 0), (2, '<=', 1)), decay=((0, Fraction('-1')), (1, Fraction('-1')), (2, Fraction('3'))))}, "update": _den_dk1_F_update, "combine": _den_dk1_F_combine}, readout=_den_dk1_readout),
+            R.GradStream(lead='k', prefix={"state": {'QO_1K_QQ': ('d', 'd'), '1K': ('1', 'd'), 'QQ': ('d', 'd')}, "carry": {'QO_1K_QQ': ('d', 'd'), '1K': ('1', 'd'), 'QQ': ('d', 'd')}, "factors": ('1k', 'qo', 'qq'), "local": ('QO', 'QO_Z_QQ', 'QO_1K', 'QO_1K_QQ', '1K', 'QQ'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(('end', '<=', 0),), decay=()), 'QO_Z_QQ': R.Spec(slots=(('q', 'o', 0), None, ('q', 'q', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'QO_1K': R.Spec(slots=(('q', 'o', 0), ('1', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'QO_1K_QQ': R.Spec(slots=(('q', 'o', 0), ('1', 'k', 1), ('q', 'q', 2)), rels=(('end', '<=', 0), (1, '<=', 0), (2, '<=', 0)), decay=((1, Fraction('1')), (2, Fraction('1')))), '1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dk2_P_update, "combine": _den_dk2_P_combine}, suffix={"state": {'QO': ('d', 'do'), 'QO_Z_QQ': ('d', 'do', 'd', 'd'), 'QO_1K': ('d', 'd'), 'QO_1K_QQ': ('d', 'd')}, "carry": {'QO': ('d', 'do'), 'QO_Z_QQ': ('d', 'do', 'd', 'd'), 'QO_1K': ('d', 'd'), 'QO_1K_QQ': ('d', 'd')}, "factors": ('1k', 'qo', 'qq'), "local": ('QO', 'QQ', 'QO_Z_QQ', '1K', 'QO_1K', 'QO_1K_QQ'), "specs": {'QO': R.Spec(slots=(('q', 'o', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QO_Z_QQ': R.Spec(slots=(('q', 'o', 0), None, ('q', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), '1K': R.Spec(slots=(('1', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'QO_1K': R.Spec(slots=(('q', 'o', 0), ('1', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'QO_1K_QQ': R.Spec(slots=(('q', 'o', 0), ('1', 'k', 1), ('q', 'q', 2)), rels=((0, '<=', 1), (0, '<=', 2)), decay=((0, Fraction('3')), (1, Fraction('-1')), (2, Fraction('-1'))))}, "update": _den_dk2_F_update, "combine": _den_dk2_F_combine}, readout=_den_dk2_readout),
+            R.GradStream(lead='1', prefix={"state": {'OQ_KK_QQ': ('do', 'd'), 'KK': ('d', 'd'), 'QQ': ('d', 'd')}, "carry": {'OQ_KK_QQ': ('do', 'd'), 'KK': ('d', 'd'), 'QQ': ('d', 'd')}, "factors": ('kk', 'oq', 'qq'), "local": ('OQ', 'OQ_Z_QQ', 'OQ_KK', 'OQ_KK_QQ', 'KK', 'QQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(('end', '<=', 0),), decay=()), 'OQ_Z_QQ': R.Spec(slots=(('o', 'q', 0), None, ('q', 'q', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=(('end', '<=', 0), (1, '<=', 0)), decay=((1, Fraction('1')),)), 'OQ_KK_QQ': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1), ('q', 'q', 2)), rels=(('end', '<=', 0), (1, '<=', 0), (2, '<=', 0)), decay=((1, Fraction('1')), (2, Fraction('1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('1')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('1')),))}, "update": _den_dk3_P_update, "combine": _den_dk3_P_combine}, suffix={"state": {'OQ': ('do', 'd'), 'OQ_Z_QQ': ('do', 'd', 'd', 'd'), 'OQ_KK': ('do', 'd'), 'OQ_KK_QQ': ('do', 'd')}, "carry": {'OQ': ('do', 'd'), 'OQ_Z_QQ': ('do', 'd', 'd', 'd'), 'OQ_KK': ('do', 'd'), 'OQ_KK_QQ': ('do', 'd')}, "factors": ('kk', 'oq', 'qq'), "local": ('OQ', 'QQ', 'OQ_Z_QQ', 'KK', 'OQ_KK', 'OQ_KK_QQ'), "specs": {'OQ': R.Spec(slots=(('o', 'q', 0),), rels=(), decay=((0, Fraction('3')),)), 'QQ': R.Spec(slots=(('q', 'q', 0),), rels=(), decay=((0, Fraction('-1')),)), 'OQ_Z_QQ': R.Spec(slots=(('o', 'q', 0), None, ('q', 'q', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'KK': R.Spec(slots=(('k', 'k', 0),), rels=(), decay=((0, Fraction('-1')),)), 'OQ_KK': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1)), rels=((0, '<=', 1),), decay=((0, Fraction('3')), (1, Fraction('-1')))), 'OQ_KK_QQ': R.Spec(slots=(('o', 'q', 0), ('k', 'k', 1), ('q', 'q', 2)), rels=((0, '<=', 1), (0, '<=', 2)), decay=((0, Fraction('3')), (1, Fraction('-1')), (2, Fraction('-1'))))}, "update": _den_dk3_F_update, "combine": _den_dk3_F_combine}, readout=_den_dk3_readout),
         ),
         "v": (
         ),
