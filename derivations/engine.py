@@ -180,25 +180,34 @@ class Derivation:
         return reference_function(self, form, backend, vjp=True)
 
 
-def derive(pattern: Pattern, *, prove: bool = True, definition=None, exact_T: int = 4) -> Derivation:
-    """Derive and (by default) prove everything for `pattern`, numerator and denominator."""
+def derive(pattern: Pattern, *, prove: bool = True, definition=None, exact_T: int = 4,
+           gradients: bool = True) -> Derivation:
+    """Derive and (by default) prove everything for `pattern`, numerator and denominator;
+    `gradients=False` leaves out the gradient certificates (they cost more than the forward)."""
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern: expected a derivations.Pattern, got {type(pattern).__name__}")
     num = synthesize(pattern)
     den = synthesize(pattern.denominator(), namer=num.namer)
     d = Derivation(pattern, num, den, definition=definition)
     if prove:
-        from .gradients import prove_derivative, prove_exact_vjp
         from .proofs import prove_all
         d.certificates = prove_all(d, exact_T=exact_T)
-        decay = pattern.has_decay
-        from .gradients import prove_streaming_gradients
-        d.certificates += [prove_derivative(pattern, "gradient, numerator", decay),
-                           prove_derivative(pattern.denominator(), "gradient, denominator", decay),
-                           prove_exact_vjp(d, decay, T_max=min(exact_T, 3))]
-        d.certificates += prove_streaming_gradients(pattern, "gradient, numerator", decay)
-        d.certificates += prove_streaming_gradients(pattern.denominator(), "gradient, denominator", decay)
+        if gradients:
+            d.certificates += prove_gradients(d, exact_T)
     return d
+
+
+def prove_gradients(d: Derivation, exact_T: int = 4) -> list:
+    """The gradient certificates of a derivation: terms = derivative, exact VJP check, and
+    each term's streaming form, numerator and denominator."""
+    from .gradients import prove_derivative, prove_exact_vjp, prove_streaming_gradients
+    pattern, decay = d.pattern, d.pattern.has_decay
+    certs = [prove_derivative(pattern, "gradient, numerator", decay),
+             prove_derivative(pattern.denominator(), "gradient, denominator", decay),
+             prove_exact_vjp(d, decay, T_max=min(exact_T, 3))]
+    certs += prove_streaming_gradients(pattern, "gradient, numerator", decay)
+    certs += prove_streaming_gradients(pattern.denominator(), "gradient, denominator", decay)
+    return certs
 
 
 __all__ = ["Certificate", "Derivation", "OutOfReach", "Synthesis", "derive", "synthesize"]

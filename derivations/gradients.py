@@ -229,6 +229,8 @@ def _power(g, expo: Fraction):
     """g ** expo in g's own arithmetic (Fraction, mpmath, float) where it is exact."""
     if expo.denominator == 1:
         return g ** int(expo)
+    if g == 1:
+        return g
     return g ** (type(g)(expo.numerator) / expo.denominator) if not isinstance(g, Fraction) \
         else float(g) ** float(expo)
 
@@ -399,9 +401,9 @@ def _suffix_psums(s, lo: tuple, hi: tuple, fillers: list, fresh):
     ren = {v: fresh() for v in s.vars}
     cons = []
     for (a, b), op in s.rel:
-        if b == END and op == "<=":
+        if b == END:       # x ≤ end holds for all; x < end only follows from x < y ≤ end
             continue
-        if END in (a, b):
+        if a == END:
             raise ValueError(f"suffix summary {s.describe()} is tied to its end; not a readout summary")
         cons.append(bound_le((ren[b], 0), (ren[a], 0), op == "<"))
     for v in ren.values():

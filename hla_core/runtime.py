@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from fractions import Fraction
 
 import mpmath
 import numpy as np
@@ -127,7 +128,7 @@ def masked_sum(spec: Spec, q, k, v, gamma, be: Backend, per_t: bool, t_vec: str 
         expo = expo + be.scalar(c) * (tt - axis(j))
     if be.exact:
         g = be.scalar(gamma)
-        W = np.vectorize(lambda keep, e: g ** e if keep else 0, otypes=[object])(mask, expo)
+        W = np.vectorize(lambda keep, e: exact_pow(g, e) if keep else 0, otypes=[object])(mask, expo)
     else:
         W = np.where(mask, float(gamma) ** expo, 0.0)
     if not per_t:
@@ -196,7 +197,7 @@ def grad_masked_sum(spec: GradSpec, vecs: dict, gamma, be: Backend):
         for j, c in spec.expo:
             expo = expo + be.scalar(c) * axis(j)
         g = be.scalar(gamma)
-        W = np.vectorize(lambda keep, e: g ** e if keep else 0, otypes=[object])(mask, expo)
+        W = np.vectorize(lambda keep, e: exact_pow(g, e) if keep else 0, otypes=[object])(mask, expo)
     else:
         expo = np.zeros(shape)
         for j, c in spec.expo:
@@ -396,6 +397,16 @@ def outer(values, ranks):
 
 def eye(n):
     return np.eye(n)
+
+
+def exact_pow(g, e):
+    """g ** e that stays exact where it can: integral exponents of rationals, and γ = 1
+    (a rational to a fractional power is irrational: it falls back to float)."""
+    if isinstance(e, Fraction) and e.denominator == 1:
+        return g ** int(e)
+    if g == 1:
+        return g
+    return g ** e
 
 
 def frac_pow(x, p: int, q: int):
