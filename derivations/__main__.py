@@ -25,21 +25,25 @@ def build(ops: list[str]) -> tuple[dict, list, bool]:
     from hla_core.registry import OPERATORS
 
     from .codegen import module_source
-    from .docs import operator_doc
+    from .docs import operator_doc, proofs_page
     from .engine import derive
+    from .proofs import recording
 
     files: dict[str, str] = {}
     rows = []
     ok = True
+    derived = {}
     for name in ops:
         op = OPERATORS[name]
         variants = {}
         for label, pat in (("decayed", op.pattern), ("γ = 1", op.pattern.without_decay())):
             _progress(f"[{name}] deriving and proving ({label}) ...")
             t0 = time.perf_counter()
-            variants[label] = derive(pat, definition=op.definition)
+            with recording():       # the documents print each proof's argument
+                variants[label] = derive(pat, definition=op.definition)
             _progress(f"[{name}]   {len(variants[label].certificates)} certificates, "
                       f"{time.perf_counter() - t0:.1f}s")
+        derived[name] = variants
         for label, d in variants.items():
             for c in d.certificates:
                 rows.append((name, c.identity, c.part, label, c.holds, c.method, c.seconds))
@@ -50,10 +54,12 @@ def build(ops: list[str]) -> tuple[dict, list, bool]:
             from .docs import paper_comparison_hla3
             doc += "\n" + paper_comparison_hla3(variants["decayed"])
         files[f"docs/identities/{name}.md"] = doc
+        if "docs/identities/proofs.md" not in files:
+            files["docs/identities/proofs.md"] = proofs_page(variants["decayed"])
     from .examples import example_docs
     from .paper_claims import judge_all, render_json, render_md
     _progress("[claims] judging the paper's claims ...")
-    verdicts = judge_all(progress=_progress)
+    verdicts = judge_all(progress=_progress, derivations=derived)
     files["docs/paper_claims.json"] = render_json(verdicts)
     files["docs/paper_claims.md"] = render_md(verdicts)
     for v in verdicts:

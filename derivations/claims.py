@@ -400,6 +400,72 @@ def operator_numeric(pattern: Pattern, q, k, v, gamma):
     return num, den
 
 
-__all__ = ["Combine", "Def", "Rec", "St", "System", "prove_associative", "prove_compatible",
-           "prove_system_equals_pattern", "prove_systems_agree", "run_serial", "scan_numeric",
-           "search", "states", "tokens"]
+__all__ = ["Combine", "Def", "Rec", "St", "System", "compatibility_sides", "in_claims_vocabulary",
+           "prove_associative", "prove_compatible", "prove_system_equals_pattern", "prove_systems_agree",
+           "readout_check", "run_serial", "scan_numeric", "search", "states", "tokens"]
+
+
+# ---------------------------------------------------------------------------
+# Arguments for the documents: where a claim and the operator differ, term by term
+
+def readout_check(system: System, expr, pattern: Pattern, decay: bool):
+    """The operator's pattern (left) against the claim's readout (right), every order type
+    recorded with the contribution of each readout term (weights.WeightCheck)."""
+    from .weights import WeightCheck
+    terms = to_terms(expr)
+    un = _Unroll(system, decay)
+    rhs, labels = [], []
+    for n, term in enumerate(terms):
+        alg = _StepAlgebra(un, "p1", -1)
+        alg.ref = lambda seg, name, fillers: un.state(name, ("p1", 0 if seg == "now" else -1))
+        part = evaluate([term], alg)
+        rhs += part
+        labels += [n] * len(part)
+    lhs = pattern_psums(pattern if decay else pattern.without_decay(), Fresh("r"))
+    r = compare(lhs, rhs, PREFIX, decay, labels=([0] * len(lhs), labels), record=True)
+    return WeightCheck("operator → claim", "prefix", pattern, None, terms, r["rows"])
+
+
+def compatibility_sides(cb: Combine, serial: System, names: list[str]) -> dict:
+    """{name: (X ⊕ [t], serial update of X)} with X's summaries as symbols (the two sides
+    prove_compatible compares)."""
+    f = cb.terms()
+    A = base_segment("A", cb.holes, cb.decayed)
+    gamma = GAMMA if cb.decayed else sympy.Integer(1)
+    tok_terms = cb.token_terms()
+    from .algebra import SympyAlgebra
+
+    def tok_read(n, fillers):
+        alg = SympyAlgebra(ref=None, tok=lambda x: nc(x))
+        return sympy.expand(evaluate(tok_terms[n], alg, tuple(fillers)))
+    joined = combine_segments(f, A, Segment(tok_read, gamma))
+    norm = serial.normal()
+    out = {}
+    for n in names:
+        c, delta = norm[n]
+        out[n] = (joined.read(n, ()),
+                  sympy.expand(gamma ** c * A.read(n, ()) + _eval_delta(delta, norm, A, gamma)))
+    return out
+
+
+def in_claims_vocabulary(syns, names: dict, decayed: bool) -> tuple[System, Combine]:
+    """A derivation's streaming updates and ⊕ written as a claims System and Combine,
+    its summaries renamed by `names` (engine name -> the paper's; others keep theirs)."""
+    from .algebra import SympyAlgebra
+
+    def st(n):
+        return St(names.get(n, n))
+
+    def expr(terms, seg_map):
+        alg = SympyAlgebra(ref=lambda seg, n, f: getattr(st(n), seg_map[seg]), tok=lambda f: nc(f))
+        return sympy.expand(evaluate(terms, alg))
+    defs, formulas, token = {}, {}, {}
+    for syn in syns:
+        for n in syn.stream_state:
+            defs.setdefault(names.get(n, n), Rec(expr(syn.stream[n], {"A": "prev"})))
+        for n in syn.scan_state:
+            formulas.setdefault(names.get(n, n), expr(syn.combine[n], {"A": "A", "B": "B"}))
+            token.setdefault(names.get(n, n), expr(syn.embeds[n], {}))
+    tops = [names.get(syn.namer.by_summary[syn.top], syn.namer.by_summary[syn.top]) for syn in syns]
+    system = System(defs, readout=St(tops[0]).now, readout_den=St(tops[1]).now if len(tops) > 1 else None)
+    return system, Combine(formulas, token, decayed=decayed)

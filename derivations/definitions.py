@@ -19,7 +19,7 @@ from fractions import Fraction
 import numpy as np
 
 from .pattern import Pattern, PatternError
-from .weights import Context, Fresh, PSum, bound_le, compare, pattern_psums
+from .weights import Context, Fresh, PSum, WeightCheck, bound_le, compare, pattern_psums
 
 
 class Matrix:
@@ -154,8 +154,9 @@ def rational_inputs(rng: random.Random, T: int, d: int, dv: int):
     return mat(T, d), mat(T, d), mat(T, dv)
 
 
-def prove_expansion(d) -> list:
-    """Pattern = definition: order types for every T, and an exact rational check."""
+def prove_expansion(d, record: bool = False) -> list:
+    """Pattern = definition: order types for every T, and an exact rational check.
+    `record` keeps the order-type rows in details['argument'] (for the documents)."""
     from .engine import Certificate
     out = []
     defn = d.definition
@@ -171,7 +172,7 @@ def prove_expansion(d) -> list:
                             s.cons, s.lin) for s in defn.psums(fresh)]
             else:
                 rhs = defn.psums(fresh)
-            r = compare(lhs, rhs, ctx, decay=decay)
+            r = compare(lhs, rhs, ctx, decay=decay, record=record)
             rng = random.Random(1234)
             exact_bad = []
             for T in range(1, 5):
@@ -184,9 +185,11 @@ def prove_expansion(d) -> list:
                 if not np.array_equal(np.asarray(a, dtype=object).reshape(T, -1),
                                       np.asarray(b, dtype=object).reshape(T, -1)):
                     exact_bad.append(f"T={T}")
+            details = {"order_types": r["order_types"], "mismatch": str(r["mismatch"]) if r["mismatch"] else None,
+                       "exact_failures": exact_bad, "scope": "universal"}
+            if record:
+                details["argument"] = [WeightCheck("pattern → definition", "prefix", pat, None, [defn], r["rows"])]
             out.append(Certificate(
                 f"expansion: pattern = definition {defn}", "order types + exact rationals (T ≤ 4)",
-                r["holds"] and not exact_bad,
-                {"order_types": r["order_types"], "mismatch": str(r["mismatch"]) if r["mismatch"] else None,
-                 "exact_failures": exact_bad}, part, decay, time.perf_counter() - t0))
+                r["holds"] and not exact_bad, details, part, decay, time.perf_counter() - t0))
     return out

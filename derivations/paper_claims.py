@@ -13,17 +13,22 @@ paper takes the paper's own segment definition evaluated on one token.
 """
 from __future__ import annotations
 
+import ast
 import json
 import time
+from dataclasses import dataclass, field
+from fractions import Fraction
 
+import numpy as np
 import sympy
 
 from hla_core.registry import OPERATORS
 
-from .claims import (Combine, Def, Rec, System, _fmt, operator_numeric, prove_associative,
-                     prove_compatible, prove_exprs_agree, prove_system_equals_pattern, prove_systems_agree,
-                     readout_numeric, run_serial, same, scan_numeric, search, serial_step, states,
-                     tokens)
+from .claims import (Combine, Def, Rec, System, _fmt, compatibility_sides, in_claims_vocabulary,
+                     operator_numeric, prove_associative, prove_compatible, prove_exprs_agree,
+                     prove_system_equals_pattern, prove_systems_agree, readout_check, readout_numeric, run_serial,
+                     same, scan_numeric, search, serial_step, states, tokens)
+from .pattern import Pattern
 from .proofs import bracketings
 from .summaries import GAMMA
 
@@ -312,6 +317,7 @@ def _weights_summary(results: dict) -> dict:
 
 
 def judge(claim) -> dict:
+    """The verdict on one claim: a certificate, or the smallest counterexample found."""
     cid, where, statement, kind, op, pl = claim
     t0 = time.perf_counter()
     cert, cex, method = {}, None, ""
@@ -389,35 +395,304 @@ def _states_search(a: System, b: System, names):
     return check
 
 
-def judge_all(progress=print) -> list[dict]:
+# ---------------------------------------------------------------------------
+# Repairs: the engine's own rule for the quantity a failing claim computes
+
+@dataclass(frozen=True)
+class Repair:
+    """`pattern` is the quantity the paper's failing state stands for; the engine derives
+    and proves its streaming updates and ⊕, `names` renames its summaries to the paper's
+    states ('@num' / '@den': the numerator's / denominator's top summary), and the renamed
+    rules replace the paper's (all of them with `replace`, else only the states the engine
+    derives) in the claim, which is then judged exactly as before."""
+    quantity: str
+    pattern: Pattern
+    names: dict
+    replace: bool = False
+    operator: str | None = None      # the registered operator this derivation belongs to
+
+
+HLA2_G = Repair(
+    "the paper's correction G_t = Σ_{j<i≤t} γ^{(t−i)+(t−j)} k_i k_iᵀ q_j v_jᵀ (h_t: v_j → 1), the pairs "
+    "S_t C_t has and the masked HLA2 drops, so that q_tᵀ(S_t C_t − G_t) is the decayed masked HLA2",
+    Pattern("dot(q_t,k_i) * dot(k_i,q_j) * v_j", where="j < i <= t", decay="(t-i) + (t-j)"),
+    {"@num": "G", "@den": "h", "KK": "S", "QV": "C", "Q1": "m"})
+AHLA_E = Repair(
+    "the decayed AHLA state E_t = Σ_{j≤i≤t} γ^{t−j} k_i q_iᵀ k_j v_jᵀ (n_t: v_j → 1) of Algorithm 2",
+    OPERATORS["ahla"].pattern, {"@num": "E", "@den": "n", "KQ": "R", "KV": "P", "K1": "mK"}, operator="ahla")
+HLA3_F = Repair(
+    "the masked HLA3 state F_t = Σ_{i≤u, j≤u, u≤t} k_i k_iᵀ q_u q_uᵀ k_j v_jᵀ (η_t: v_j → 1), whose readout "
+    "q_tᵀ F_t is the operator",
+    OPERATORS["hla3"].pattern.without_decay(),
+    {"@num": "F", "@den": "eta", "KK": "SK", "QQ": "SQ", "KV": "P", "K1": "mK"}, replace=True, operator="hla3")
+REPAIRS = {"sec4.2-decay-masked-assoc": HLA2_G, "thm4.1-decay-scan": HLA2_G, "sec4.3-decay-masked-operator": HLA2_G,
+           "sec6.2-decay-concat": AHLA_E, "thm7.1-identity": HLA3_F, "alg3": HLA3_F, "alg4": HLA3_F}
+
+# The paper's symbols, for the documents.
+PAPER_TEX = {"SK": "S^K", "SQ": "S^Q", "mK": "m^K", "eta": "\\eta", "RQP": "R^{QP}", "rQm": "r^{Qm}",
+             "UKQ": "U^{KQ}", "MKQP": "M^{KQP}", "MKQm": "M^{KQm}", "G1": "G^{(1)}", "G2": "G^{(2)}",
+             "G3": "G^{(3)}", "h1": "h^{(1)}", "h2": "h^{(2)}", "h3": "h^{(3)}"}
+
+
+@dataclass
+class RepairResult:
+    spec: Repair
+    derivation: object             # engine.Derivation of spec.pattern (certificates recorded)
+    names: dict                    # engine summary -> paper state
+    verdict: dict                  # the repaired claim, judged as the claim was
+    claim: tuple                   # the repaired claim
+
+
+_DERIVED: dict = {}
+
+
+def _derivation_for(spec: Repair, derivations: dict | None):
+    """The repair's derivation: the registered operator's when given, else derived (and
+    proved, arguments recorded) once per pattern."""
+    from .engine import derive
+    from .proofs import prove_all
+    label = "decayed" if spec.pattern.has_decay else "γ = 1"
+    if spec.operator and derivations and spec.operator in derivations:
+        return derivations[spec.operator][label]
+    if spec.pattern not in _DERIVED:
+        d = derive(spec.pattern, prove=False)
+        d.certificates = prove_all(d, record=True)
+        _DERIVED[spec.pattern] = d
+    return _DERIVED[spec.pattern]
+
+
+def _patched_system(paper: System, new: System, replace: bool) -> System:
+    if replace:
+        return new
+    return System({**paper.defs, **new.defs}, readout=paper.readout, readout_den=paper.readout_den)
+
+
+def _patched_combine(paper: Combine, new: Combine, replace: bool) -> Combine:
+    if replace:
+        return new
+    return Combine({**paper.formulas, **new.formulas}, {**paper.token, **new.token},
+                   holes=paper.holes, decayed=paper.decayed)
+
+
+def repair(claim, derivations: dict | None = None) -> RepairResult | None:
+    """The repaired claim (engine's rules in the paper's names), judged as the claim was."""
+    cid, where, statement, kind, op, pl = claim
+    spec = REPAIRS.get(cid)
+    if spec is None:
+        return None
+    d = _derivation_for(spec, derivations)
+    names = {(d.num.namer.by_summary[d.num.top] if k == "@num" else
+              d.den.namer.by_summary[d.den.top] if k == "@den" else k): v for k, v in spec.names.items()}
+    system, cb = in_claims_vocabulary([d.num, d.den], names, spec.pattern.has_decay)
+    new = dict(pl)
+    if "system" in pl:
+        new["system"] = _patched_system(pl["system"], system, spec.replace)
+    for key in ("serial", "lines"):
+        if key in pl:
+            new[key] = _patched_system(pl[key], system, spec.replace)
+    if "combine" in pl:
+        new["combine"] = _patched_combine(pl["combine"], cb, spec.replace)
+    if "names" in pl and spec.replace:
+        new["names"] = list(system.defs)
+    fixed = (cid, where, statement, kind, op, new)
+    return RepairResult(spec, d, names, judge(fixed), fixed)
+
+
+# ---------------------------------------------------------------------------
+# A failing claim, checkable by hand: inputs, states on both sides, values, the reason
+
+@dataclass
+class Trace:
+    """States side by side: rows (label, {state: value as text})."""
+    title: str
+    columns: list
+    rows: list = field(default_factory=list)
+
+
+@dataclass
+class Explanation:
+    inputs: dict                   # T, d, dv, gamma, q, k, v (text)
+    traces: list                   # [Trace]
+    values: list                   # [(what, value text)]
+    residual: str                  # sign convention and value
+    reason_kind: str               # 'order types' | 'bracketings' | 'compatibility'
+    reason: object                 # WeightCheck | [proofs.Bracketings] | {state: (X ⊕ [t], update)}
+    repaired_traces: list = field(default_factory=list)
+    repaired_values: list = field(default_factory=list)
+
+
+def _arrays(cex):
+    F = lambda a: np.array([[Fraction(x) for x in row] for row in a], dtype=object)  # noqa: E731
+    return F(cex["q"]), F(cex["k"]), F(cex["v"]), Fraction(cex["gamma"])
+
+
+def _text(a) -> str:
+    if a is None:
+        return "0"
+    if callable(a):
+        return "(linear map)"
+    arr = np.asarray(a, dtype=object)
+    if arr.size == 1:
+        return str(Fraction(arr.reshape(-1)[0]))
+    f = _fmt(arr)
+    return str(f).replace("'", "")
+
+
+def _serial_trace(title, system: System, q, k, v, gamma, upto: int) -> Trace:
+    runs = run_serial(system, q, k, v, gamma)
+    cols = list(system.defs)
+    tr = Trace(title, cols)
+    for t in range(upto):
+        tr.rows.append((f"t = {t + 1}", {c: _text(runs[t].get(c)) for c in cols}))
+    return tr
+
+
+def _tree_nodes(tree):
+    """Subtrees of a bracketing, leaves first (post-order)."""
+    if isinstance(tree, int):
+        return [tree]
+    return _tree_nodes(tree[0]) + _tree_nodes(tree[1]) + [tree]
+
+
+def _tree_label(tree) -> str:
+    if isinstance(tree, int):
+        return f"[{tree}]"
+    return f"({_tree_label(tree[0])} ⊕ {_tree_label(tree[1])})"
+
+
+def _scan_trace(title, cb: Combine, trees, q, k, v, gamma) -> Trace:
+    cols = [n for n in cb.formulas if not cb.holes.get(n)]
+    tr = Trace(title, cols)
+    seen = set()
+    for tree in trees:
+        for node in _tree_nodes(tree):
+            if node in seen:
+                continue
+            seen.add(node)
+            val, _ = scan_numeric(cb, node, q, k, v, gamma)
+            tr.rows.append((_tree_label(node), {c: _text(val.get(c)) for c in cols}))
+    return tr
+
+
+def explain(claim, verdict: dict, fixed: RepairResult | None) -> Explanation | None:
+    """Everything a reader needs to check a failing claim by hand."""
+    cid, where, statement, kind, op, pl = claim
+    cex = verdict.get("counterexample") or {}
+    if verdict["verdict"] != "fails" or "q" not in cex:
+        return None
+    q, k, v, gamma = _arrays(cex)
+    T = q.shape[0]
+    inputs = {"T": T, "d": cex["d"], "dv": cex["dv"], "gamma": cex["gamma"],
+              "rows": [(t + 1, _text(q[t]), _text(k[t]), _text(v[t])) for t in range(T)]}
+    rep = fixed.claim[5] if fixed else None
+    if kind in ("identity", "algorithm"):
+        system = pl["system"] if kind == "identity" else pl["lines"]
+        pat = OPERATORS[op].pattern
+        decay = pl["decay"] if kind == "identity" else False
+        part = cex["part"]
+        t = cex["at_token"]
+        expr = system.readout if part == "numerator" else system.readout_den
+        num, den = operator_numeric(pat if decay else pat.without_decay(), q, k, v, gamma)
+        want = (num if part == "numerator" else den)[t - 1]
+        traces = [_serial_trace("the paper's states (its recurrences as printed)", system, q, k, v, gamma, t)]
+        claimed = readout_numeric(expr, run_serial(system, q, k, v, gamma)[t - 1], q[t - 1])
+        values = [(f"claimed ({part}, t = {t})", _text(claimed)), ("definition (brute-force sum)", _text(want))]
+        residual = f"claimed − definition = {_text(np.asarray(claimed, dtype=object) - want)}"
+        reason = readout_check(system, expr, pat, decay)
+        rtr, rval = [], []
+        if rep:
+            rsys = rep["system"] if kind == "identity" else rep["lines"]
+            rexpr = rsys.readout if part == "numerator" else rsys.readout_den
+            rtr = [_serial_trace("the repaired states (the engine's rules in the paper's names)", rsys,
+                                 q, k, v, gamma, t)]
+            rval = [(f"repaired ({part}, t = {t})",
+                     _text(readout_numeric(rexpr, run_serial(rsys, q, k, v, gamma)[t - 1], q[t - 1])))]
+        return Explanation(inputs, traces, values, residual, "order types", reason, rtr, rval)
+    if kind == "assoc":
+        cb = pl["combine"]
+        trees = [((1, 2), 3), (1, (2, 3))]
+        st = cex["state"]
+        a, b = cex["(A⊕B)⊕C"], cex["A⊕(B⊕C)"]
+        from .proofs import _bracketings
+        reason = _bracketings(cb.terms(), cb.holes, cb.decayed)
+        values = [(f"{st} of (A⊕B)⊕C", _text(a)), (f"{st} of A⊕(B⊕C)", _text(b))]
+        residual = ("(A⊕B)⊕C − A⊕(B⊕C) = "
+                    f"{_text(np.asarray(_arrays_of(a), dtype=object) - np.asarray(_arrays_of(b), dtype=object))}")
+        traces = [_scan_trace("the paper's ⊕, segment by segment (A = [1], B = [2], C = [3])", cb, trees,
+                              q, k, v, gamma)]
+        rtr, rval = [], []
+        if rep:
+            rtr = [_scan_trace("the repaired ⊕ (the engine's rules in the paper's names)", rep["combine"], trees,
+                               q, k, v, gamma)]
+            for tree in trees:
+                val, _ = scan_numeric(rep["combine"], tree, q, k, v, gamma)
+                rval.append((f"{st} of {_tree_label(tree)}, repaired", _text(val.get(st))))
+        return Explanation(inputs, traces, values, residual, "bracketings", reason, rtr, rval)
+    if kind == "scan":
+        cb, serial = pl["combine"], pl["serial"]
+        tree = ast.literal_eval(cex["bracketing"])
+        st = cex["state"]
+        values = [(f"{st} of the scan {_tree_label(tree)}", _text(_arrays_of(cex["scan"]))),
+                  (f"{st} of the serial recurrence at t = {T}", _text(_arrays_of(cex["serial"])))]
+        residual = ("scan − serial = "
+                    f"{_text(np.asarray(_arrays_of(cex['scan'])) - np.asarray(_arrays_of(cex['serial'])))}")
+        traces = [_scan_trace("the paper's ⊕ on the bracketing", cb, [tree], q, k, v, gamma),
+                  _serial_trace("the paper's serial recurrence", serial, q, k, v, gamma, T)]
+        a = prove_associative(cb)
+        if not a["holds"]:
+            from .proofs import _bracketings
+            kind_, reason = "bracketings", _bracketings(cb.terms(), cb.holes, cb.decayed)
+        else:
+            kind_, reason = "compatibility", compatibility_sides(cb, serial, pl["names"])
+        rtr, rval = [], []
+        if rep:
+            rtr = [_scan_trace("the repaired ⊕ on the bracketing", rep["combine"], [tree], q, k, v, gamma),
+                   _serial_trace("the repaired serial recurrence", rep["serial"], q, k, v, gamma, T)]
+            val, _ = scan_numeric(rep["combine"], tree, q, k, v, gamma)
+            rval = [(f"{st} of the scan {_tree_label(tree)}, repaired", _text(val.get(st))),
+                    (f"{st} of the serial recurrence at t = {T}, repaired",
+                     _text(run_serial(rep["serial"], q, k, v, gamma)[-1].get(st)))]
+        ex = Explanation(inputs, traces, values, residual, kind_, reason, rtr, rval)
+        if kind_ == "bracketings" and not prove_compatible(cb, serial, pl["names"])["holds"]:
+            ex.reason = {"bracketings": reason, "compatibility": compatibility_sides(cb, serial, pl["names"])}
+            ex.reason_kind = "both"
+        return ex
+    return None
+
+
+def _arrays_of(x):
+    return np.array([[Fraction(y) for y in row] for row in x], dtype=object) if isinstance(x[0], list) else \
+        np.array([Fraction(y) for y in x], dtype=object)
+
+
+def judge_all(progress=print, derivations: dict | None = None) -> list[dict]:
+    """Every claim's verdict; a failing claim also gets its repair (the engine's rule for the
+    same quantity, judged as the claim was) and, under 'argument', what the document prints.
+    `derivations` ({operator: {'decayed' | 'γ = 1': Derivation}}) saves re-deriving."""
     out = []
     for claim in CLAIMS:
         v = judge(claim)
+        if v["verdict"] == "fails":
+            t0 = time.perf_counter()
+            fixed = repair(claim, derivations)
+            if fixed is not None:
+                v["repair"] = {"quantity": fixed.spec.quantity, "pattern": str(fixed.spec.pattern),
+                               "verdict": fixed.verdict["verdict"], "method": fixed.verdict["method"],
+                               "certificate": fixed.verdict["certificate"],
+                               "engine_certificates": sum(c.holds for c in fixed.derivation.certificates),
+                               "engine_certificates_total": len(fixed.derivation.certificates)}
+            v["argument"] = (explain(claim, v, fixed), fixed)
+            v["seconds"] += time.perf_counter() - t0
         progress(f"[claims]   {v['id']:30s} {v['verdict']}")
         out.append(v)
     return out
 
 
 def render_json(verdicts) -> str:
-    keep = ("id", "where", "statement", "verdict", "counterexample", "method", "certificate")
-    return json.dumps([{k: v[k] for k in keep} for v in verdicts], indent=1, ensure_ascii=False) + "\n"
+    keep = ("id", "where", "statement", "verdict", "counterexample", "method", "certificate", "repair")
+    return json.dumps([{k: v[k] for k in keep if k in v} for v in verdicts], indent=1, ensure_ascii=False) + "\n"
 
 
 def render_md(verdicts) -> str:
-    L = ["<!-- GENERATED by `python -m derivations` — do not edit. -->",
-         "# The paper's claims, judged", "",
-         "Zhang, Qin, Wang, Gu, *Higher-order Linear Attention* (arXiv:2510.27258). Each claim is entered "
-         "as printed (derivations/paper_claims.py) and decided by the engine: **holds** with a certificate "
-         "valid for every T, d, dv (and γ), or **fails** with the smallest counterexample found over exact "
-         "rational inputs (T ≤ 4, d, dv ≤ 2; γ = 1/2 for decayed claims).", "",
-         "| id | where | verdict | method |", "|---|---|---|---|"]
-    for v in verdicts:
-        L.append(f"| `{v['id']}` | {v['where']} | **{v['verdict']}** | {v['method']} |")
-    L.append("")
-    for v in verdicts:
-        L += [f"## `{v['id']}` — {v['verdict']}", "", f"*{v['where']}*: {v['statement']}", "",
-              "Certificate: `" + json.dumps(v["certificate"], ensure_ascii=False)[:600] + "`", ""]
-        if v["counterexample"]:
-            L += ["Counterexample:", "", "```json", json.dumps(v["counterexample"], ensure_ascii=False,
-                                                               indent=1), "```", ""]
-    return "\n".join(L) + "\n"
+    from .claims_doc import claims_md
+    return claims_md(verdicts)

@@ -19,8 +19,10 @@ For every pattern (numerator and denominator, with and without decay):
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
+from dataclasses import dataclass
 
 import sympy
 
@@ -28,7 +30,10 @@ from .algebra import (SympyAlgebra, associativity, base_segment, combine_segment
                       nc_symbol, token_segment)
 from .engine import Certificate, Derivation, Synthesis
 from .summaries import END, GAMMA, Summary, Term
-from .weights import Context, Fresh, compare, formula_psums, pattern_psums, summary_psums
+from .weights import Context, Fresh, WeightCheck, compare, formula_psums, pattern_psums, summary_psums
+
+# What each certificate establishes: for every T (and d, dv, γ), or only for the sizes tried.
+UNIVERSAL, FINITE = "universal", "finite"
 
 P_STREAM = Context(["p0", "p1", "p2"], {"p2"}, {"A": 1, "T": 2})
 P_SPLIT = Context(["p0", "p1", "p2"], set(), {"A": 1, "B": 2})
@@ -56,15 +61,58 @@ def _timed(fn):
     return cert
 
 
+# ---------------------------------------------------------------------------
+# What a proof records for the documents when asked (record=True)
+
+@dataclass
+class Bracketings:
+    """⊕ associativity for one summary: both bracketings of three generic segments,
+    expanded (noncommutative polynomials in the segments' summaries and ρ's)."""
+    name: str
+    left: sympy.Expr     # (A ⊕ B) ⊕ C
+    right: sympy.Expr    # A ⊕ (B ⊕ C)
+
+
+@dataclass
+class ScanStep:
+    """The two identities scan equivalence rests on, for one streaming summary."""
+    name: str
+    joined: sympy.Expr   # X ⊕ [t], X's summaries as symbols
+    serial: sympy.Expr   # update(X, t)
+    token: sympy.Expr    # [t] (the one-token segment)
+    first: sympy.Expr    # update(0, t)
+
+
+CONTEXTS = {"prefix": P_PREFIX, "stream": P_STREAM, "split": P_SPLIT, "token": P_TOKEN}
+
+
+def _check(name, context, lhs_psums, lhs, lhs_name, rhs_parts, decay, record):
+    """Compare lhs_psums with the concatenated rhs_parts [(label object, psums)]."""
+    rhs = [x for _, ps in rhs_parts for x in ps]
+    labels = ([0] * len(lhs_psums), [n for n, (_, ps) in enumerate(rhs_parts) for _ in ps])
+    r = compare(lhs_psums, rhs, CONTEXTS[context], decay, labels=labels, record=record)
+    if record:
+        r["check"] = WeightCheck(name, context, lhs, lhs_name, [o for o, _ in rhs_parts], r.pop("rows"))
+    return name, r
+
+
+def _terms_psums(terms, context, ref, fresh, tok_seg=None, holes=()):
+    """[(term, its pattern sums)] for each term of a formula (same sums as the whole)."""
+    return [(t, formula_psums([t], CONTEXTS[context], ref, tok_seg=tok_seg, holes=holes, fresh=fresh))
+            for t in terms]
+
+
 def _weights_cert(identity, checks, part, decay):
     total = sum(r["order_types"] for _, r in checks)
     bad = [(name, r["mismatch"]) for name, r in checks if not r["holds"]]
-    return Certificate(identity, "order types (weights on index tuples)", not bad,
-                       {"checked": [name for name, _ in checks], "order_types": total,
-                        "failures": [f"{n}: {m}" for n, m in bad]}, part, decay)
+    details = {"checked": [name for name, _ in checks], "order_types": total,
+               "failures": [f"{n}: {m}" for n, m in bad], "scope": UNIVERSAL}
+    if any("check" in r for _, r in checks):
+        details["argument"] = [r["check"] for _, r in checks]
+    return Certificate(identity, "order types (weights on index tuples)", not bad, details, part, decay)
 
 
-def prove_translation(syn: Synthesis, part: str, decay: bool) -> Certificate:
+def prove_translation(syn: Synthesis, part: str, decay: bool, record: bool = False) -> Certificate:
     """The summary every other proof starts from is the user's Pattern: the Pattern's
     sum, read straight from its slots, constraints and decay, equals the top summary
     on the prefix, by order types (every T)."""
@@ -72,27 +120,29 @@ def prove_translation(syn: Synthesis, part: str, decay: bool) -> Certificate:
     lhs = pattern_psums(syn.pattern, fr)
     rhs = summary_psums(syn.top, ("p0", 0), ("p1", 0), [], fr)
     return _weights_cert("translation (the Pattern's sum = the top summary)",
-                         [("pattern → top summary", compare(lhs, rhs, P_PREFIX, decay))], part, decay)
+                         [_check("pattern → top summary", "prefix", lhs, syn.pattern, None,
+                                 [(syn.top, rhs)], decay, record)], part, decay)
 
 
-def prove_streaming(syn: Synthesis, part: str, decay: bool) -> Certificate:
+def prove_streaming(syn: Synthesis, part: str, decay: bool, record: bool = False) -> Certificate:
     ref = _ref(syn)
     checks = []
     fr = Fresh()
     lhs = summary_psums(syn.top, ("p0", 0), ("p1", 0), [], fr)
-    rhs = formula_psums([Term(sympy.Integer(1), syn.readout)], P_PREFIX, ref, fresh=fr)
-    checks.append(("readout", compare(lhs, rhs, P_PREFIX, decay)))
+    rhs = _terms_psums([Term(sympy.Integer(1), syn.readout)], "prefix", ref, fr)
+    checks.append(_check("readout", "prefix", lhs, syn.top, syn.namer.by_summary.get(syn.top), rhs, decay,
+                         record))
     for name in syn.stream_state:
         s = syn.namer.by_name[name]
         fr = Fresh()
         holes = _ext_psums(s.holes)
         lhs = summary_psums(s, ("p0", 0), ("p2", 0), list(holes), fr)
-        rhs = formula_psums(syn.stream[name], P_STREAM, ref, tok_seg="T", holes=holes, fresh=fr)
-        checks.append((f"update {name}", compare(lhs, rhs, P_STREAM, decay)))
+        rhs = _terms_psums(syn.stream[name], "stream", ref, fr, tok_seg="T", holes=holes)
+        checks.append(_check(f"update {name}", "stream", lhs, s, name, rhs, decay, record))
     return _weights_cert("streaming identity (readout and online updates)", checks, part, decay)
 
 
-def prove_combine(syn: Synthesis, part: str, decay: bool) -> Certificate:
+def prove_combine(syn: Synthesis, part: str, decay: bool, record: bool = False) -> Certificate:
     ref = _ref(syn)
     checks = []
     for name in syn.scan_state:
@@ -100,25 +150,36 @@ def prove_combine(syn: Synthesis, part: str, decay: bool) -> Certificate:
         holes = _ext_psums(s.holes)
         fr = Fresh()
         lhs = summary_psums(s, ("p0", 0), ("p2", 0), list(holes), fr)
-        rhs = formula_psums(syn.combine[name], P_SPLIT, ref, holes=holes, fresh=fr)
-        checks.append((f"⊕ {name}", compare(lhs, rhs, P_SPLIT, decay)))
+        rhs = _terms_psums(syn.combine[name], "split", ref, fr, holes=holes)
+        checks.append(_check(f"⊕ {name}", "split", lhs, s, name, rhs, decay, record))
         fr = Fresh()
         lhs = summary_psums(s, ("p0", 0), ("p1", 0), list(holes), fr)
-        rhs = formula_psums(syn.embeds[name], P_TOKEN, ref, tok_seg="T", holes=holes, fresh=fr)
-        checks.append((f"token segment {name}", compare(lhs, rhs, P_TOKEN, decay)))
+        rhs = _terms_psums(syn.embeds[name], "token", ref, fr, tok_seg="T", holes=holes)
+        checks.append(_check(f"token segment {name}", "token", lhs, s, name, rhs, decay, record))
     return _weights_cert("segment summaries and ⊕ (summary of a concatenation)", checks, part, decay)
 
 
-def prove_associativity(syn: Synthesis, part: str, decay: bool) -> Certificate:
-    res = associativity({n: syn.combine[n] for n in syn.scan_state}, syn.holes, decay,
-                        check_neutral=not syn.has_end_relations)
+def prove_associativity(syn: Synthesis, part: str, decay: bool, record: bool = False) -> Certificate:
+    formulas = {n: syn.combine[n] for n in syn.scan_state}
+    res = associativity(formulas, syn.holes, decay, check_neutral=not syn.has_end_relations)
     failures = [f"{n}: (A⊕B)⊕C − A⊕(B⊕C) = {d}" for n, d in res["diffs"].items()]
     if res["neutral"] is False:
         failures.append("the empty segment is not neutral")
+    details = {"summaries": list(syn.scan_state), "terms": res["terms"],
+               "neutral_element": res["neutral"], "failures": failures, "scope": UNIVERSAL}
+    if record:
+        details["argument"] = _bracketings(formulas, syn.holes, decay)
     return Certificate("⊕ associativity (and neutral empty segment)",
-                       "noncommutative polynomial identity (SymPy)", not failures,
-                       {"summaries": list(syn.scan_state), "terms": res["terms"],
-                        "neutral_element": res["neutral"], "failures": failures}, part, decay)
+                       "noncommutative polynomial identity (SymPy)", not failures, details, part, decay)
+
+
+def _bracketings(formulas: dict, holes: dict, decay: bool) -> list[Bracketings]:
+    """Both bracketings expanded, as `associativity` forms them (for the documents)."""
+    A, B, C = (base_segment(s, holes, decay) for s in "ABC")
+    left = combine_segments(formulas, combine_segments(formulas, A, B), C)
+    right = combine_segments(formulas, A, combine_segments(formulas, B, C))
+    return [Bracketings(n, left.read(n, hole_symbols(holes.get(n, 0))),
+                        right.read(n, hole_symbols(holes.get(n, 0)))) for n in formulas]
 
 
 def _serial_step(syn: Synthesis, prev: dict, token, gamma) -> dict:
@@ -133,27 +194,31 @@ def _serial_step(syn: Synthesis, prev: dict, token, gamma) -> dict:
     return out
 
 
-def prove_scan(syn: Synthesis, part: str, decay: bool) -> Certificate:
+def prove_scan(syn: Synthesis, part: str, decay: bool, record: bool = False) -> Certificate:
     holes = syn.holes
     gamma = GAMMA if decay else sympy.Integer(1)
     A = base_segment("A", holes, decay)
     tok = token_segment(syn.embeds, "t", gamma)
     joined = combine_segments(syn.combine, A, tok)
-    failures = []
+    failures, steps = [], []
     prev = {n: (lambda f, n=n: A.read(n, f)) for n in syn.scan_state}
     serial = _serial_step(syn, prev, "t", gamma)
     zero_prev = {n: (lambda f: sympy.Integer(0)) for n in syn.scan_state}
     first = _serial_step(syn, zero_prev, "t", gamma)
     for name in syn.stream_state:
         zs = hole_symbols(holes[name])
-        if sympy.expand(joined.read(name, zs) - serial[name]) != 0:
+        step = ScanStep(name, joined.read(name, zs), serial[name], tok.read(name, zs), first[name])
+        if sympy.expand(step.joined - step.serial) != 0:
             failures.append(f"{name}: X ⊕ [t] differs from the serial update")
-        if sympy.expand(tok.read(name, zs) - first[name]) != 0:
+        if sympy.expand(step.token - step.first) != 0:
             failures.append(f"{name}: [t] differs from the update of the zero state")
+        steps.append(step)
+    details = {"state": list(syn.stream_state), "failures": failures, "scope": UNIVERSAL}
+    if record:
+        details["argument"] = steps
     return Certificate("scan equivalence (any bracketing = serial recurrence, every T)",
                        "noncommutative identity X ⊕ [t] = update(X, t), induction with associativity",
-                       not failures, {"state": list(syn.stream_state), "failures": failures},
-                       part, decay)
+                       not failures, details, part, decay)
 
 
 # ---------------------------------------------------------------------------
@@ -245,26 +310,46 @@ def prove_exact(syn: Synthesis, part: str, decay: bool, T_max: int) -> Certifica
     return Certificate(f"exact check, every bracketing of every T ≤ {T_max}",
                        "noncommutative expansion with one symbol per token factor",
                        not failures, {"bracketings": n_brackets, "comparisons": n_compared,
-                                      "failures": failures}, part, decay)
+                                      "failures": failures, "scope": FINITE, "T_max": T_max},
+                       part, decay)
 
 
-def prove_synthesis(syn: Synthesis, part: str, decay: bool, exact_T: int) -> list[Certificate]:
+def prove_synthesis(syn: Synthesis, part: str, decay: bool, exact_T: int,
+                    record: bool = False) -> list[Certificate]:
     return [
-        _timed(lambda: prove_translation(syn, part, decay)),
-        _timed(lambda: prove_streaming(syn, part, decay)),
-        _timed(lambda: prove_combine(syn, part, decay)),
-        _timed(lambda: prove_associativity(syn, part, decay)),
-        _timed(lambda: prove_scan(syn, part, decay)),
+        _timed(lambda: prove_translation(syn, part, decay, record)),
+        _timed(lambda: prove_streaming(syn, part, decay, record)),
+        _timed(lambda: prove_combine(syn, part, decay, record)),
+        _timed(lambda: prove_associativity(syn, part, decay, record)),
+        _timed(lambda: prove_scan(syn, part, decay, record)),
         _timed(lambda: prove_exact(syn, part, decay, exact_T)),
     ]
 
 
-def prove_all(d: Derivation, exact_T: int = 4) -> list[Certificate]:
+_RECORD = [False]
+
+
+@contextlib.contextmanager
+def recording():
+    """Inside `with recording():`, every proof (through `derive`, say) records its
+    argument: each certificate's details['argument'] holds what the documents print
+    (order-type rows term by term, both bracketings, the scan identities)."""
+    _RECORD.append(True)
+    try:
+        yield
+    finally:
+        _RECORD.pop()
+
+
+def prove_all(d: Derivation, exact_T: int = 4, record: bool | None = None) -> list[Certificate]:
+    """Every certificate of a derivation; `record` (default: inside `recording()`) keeps
+    each proof's argument in its certificate's details['argument']."""
+    record = _RECORD[-1] if record is None else record
     decay = d.pattern.has_decay
     certs = []
     if d.definition is not None:
         from .definitions import prove_expansion
-        certs += prove_expansion(d)
-    certs += prove_synthesis(d.num, "numerator", decay, exact_T)
-    certs += prove_synthesis(d.den, "denominator", decay, exact_T)
+        certs += prove_expansion(d, record)
+    certs += prove_synthesis(d.num, "numerator", decay, exact_T, record)
+    certs += prove_synthesis(d.den, "denominator", decay, exact_T, record)
     return certs

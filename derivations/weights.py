@@ -269,25 +269,86 @@ def _holds(op, c):
     return c <= 0 if op == "<=" else (c < 0 if op == "<" else c == 0)
 
 
-def compare(lhs: list[PSum], rhs: list[PSum], ctx: Context, decay: bool = True) -> dict:
-    """Decide lhs == rhs for all T. Returns {'holds', 'order_types', 'terms', 'mismatch'}."""
+@dataclass(frozen=True)
+class Contribution:
+    """What one pattern sum of one side contributes on one order type.
+
+    label: which term of its side it came from (the caller's labels, else its position);
+    coef: its rational coefficient; form: the γ exponent as the comparison sees it, a
+    linear form (sorted ((symbol, coeff), ...)) in the free values of the order type
+    ('b{k}.{r}': the common value of the indices of block r of segment k) and the free
+    points; raw: the γ exponent before the order type is applied, with each index
+    replaced by its slot (('slot', n), coeff) and the points kept by name."""
+    label: object
+    coef: Fraction
+    form: tuple
+    raw: tuple
+
+
+@dataclass(frozen=True)
+class OrderTypeRow:
+    """One order type of one word: the weight of each side, term by term.
+
+    word: the factor of each slot (('x', name) for an external hole); order_type: per
+    slot (segment k, rank inside the segment, at the segment's end)."""
+    word: tuple
+    order_type: tuple
+    lhs: tuple
+    rhs: tuple
+
+    def weight(self, side: str) -> dict:
+        """{form: total coefficient} of one side ('lhs' or 'rhs'), zeros dropped."""
+        acc: dict = defaultdict(Fraction)
+        for c in getattr(self, side):
+            acc[c.form] += c.coef
+        return {f: c for f, c in acc.items() if c != 0}
+
+    @property
+    def holds(self) -> bool:
+        return self.weight("lhs") == self.weight("rhs")
+
+
+@dataclass
+class WeightCheck:
+    """One comparison of an order-type certificate, as recorded for the documents:
+    `lhs` (a Summary, or a Pattern) against the sum of `rhs` (formula Terms, a Summary or
+    a definition), with the weight of each side on every order type (`rows`; a row's
+    contribution labels are positions in `rhs`, 0 on the left). `context` names the
+    boundary points: 'prefix' (1..t), 'stream' (1..t−1, then token t), 'split' (segment
+    A, then segment B), 'token' (one token)."""
+    name: str
+    context: str
+    lhs: object
+    lhs_name: str | None
+    rhs: list
+    rows: list
+
+
+def compare(lhs: list[PSum], rhs: list[PSum], ctx: Context, decay: bool = True,
+            labels: tuple | None = None, record: bool = False) -> dict:
+    """Decide lhs == rhs for all T. Returns {'holds', 'order_types', 'terms', 'mismatch'},
+    and with `record` also 'rows': an OrderTypeRow per order type of every word, each
+    pattern sum labelled by `labels` = (lhs labels, rhs labels), parallel to the lists."""
     point_index = {p: j for j, p in enumerate(ctx.points)}
     pval = ctx.point_value()
     groups = defaultdict(list)
-    for sign, side in ((1, lhs), (-1, rhs)):
-        for t in side:
+    lab = labels or (range(len(lhs)), range(len(rhs)))
+    for sign, side, names in ((1, lhs, lab[0]), (-1, rhs, lab[1])):
+        for t, name in zip(side, names):
             if t.coef == 0:
                 continue
             key = tuple(w[1] if w[0] == "f" else ("x", w[1]) for w in t.word)
-            groups[key].append((sign, t))
+            groups[key].append((sign, t, name))
     n_types = 0
     mismatch = None
+    rows = []
     for key, terms in groups.items():
         slots = [j for j, w in enumerate(key) if not isinstance(w, tuple)]
         for ot in order_types(len(slots), ctx):
             n_types += 1
             acc = defaultdict(Fraction)
-            for sign, t in terms:
+            seen = ([], []) if record else None
+            for sign, t, name in terms:
                 val = {}
                 ok = True
                 for idx, w in enumerate(w for w in t.word if w[0] == "f"):
@@ -323,8 +384,23 @@ def compare(lhs: list[PSum], rhs: list[PSum], ctx: Context, decay: bool = True) 
                 else:
                     fkey = ()
                 acc[fkey] += sign * t.coef
+                if record:
+                    seen[sign < 0].append(Contribution(name, t.coef, fkey, _raw_form(t) if decay else ()))
             bad = {f: c for f, c in acc.items() if c != 0}
             if bad and mismatch is None:
                 mismatch = {"word": key, "order_type": ot, "residual": bad}
-    return {"holds": mismatch is None, "order_types": n_types,
-            "terms": len(lhs) + len(rhs), "mismatch": mismatch}
+            if record:
+                rows.append(OrderTypeRow(key, ot, tuple(seen[0]), tuple(seen[1])))
+    out = {"holds": mismatch is None, "order_types": n_types,
+           "terms": len(lhs) + len(rhs), "mismatch": mismatch}
+    if record:
+        out["rows"] = rows
+    return out
+
+
+def _raw_form(t: PSum) -> tuple:
+    """t's γ exponent with each index variable replaced by its (first) slot."""
+    slot = {}
+    for n, w in enumerate(w for w in t.word if w[0] == "f"):
+        slot.setdefault(w[2], ("slot", n))
+    return tuple((slot.get(sym, sym), c) for sym, c in t.lin)
