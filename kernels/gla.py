@@ -51,15 +51,45 @@ def _seq_bounds(cu, n, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _rows(bos, L, tok, REV: tl.constexpr):
+    """Memory rows of the sequence's logical tokens `tok`: in order, or reversed (REV)."""
+    if REV:
+        return bos + (L - 1 - tok)
+    else:
+        return bos + tok
+
+
+@triton.jit
+def _side_vals(p, rows, H, h, mr, MODE: tl.constexpr, ACC: tl.constexpr):
+    """Per-token scalars of a side channel: 1 (MODE 1) or loaded from p [.., T, H] (MODE 2)."""
+    if MODE == 1:
+        return mr.to(ACC)
+    else:
+        return tl.load(p + rows * H + h, mask=mr, other=0).to(ACC)
+
+
+@triton.jit
 def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, dx, dx1, cu, eps,
+                     q1, k1, xr0, dxr,
                      T, H, D, DV, SEG, NSUM,
                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                      SIDE: tl.constexpr, DIVIDE: tl.constexpr, STORE_O1: tl.constexpr,
                      HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr,
-                     DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TABLE: tl.constexpr):
+                     DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TABLE: tl.constexpr,
+                     REV: tl.constexpr = False, QS: tl.constexpr = 0, KS: tl.constexpr = 1,
+                     SHIFT: tl.constexpr = False, ACCUM: tl.constexpr = False,
+                     ACCUM1: tl.constexpr = False):
     # SIDE: 0 no side channel, 1 side value v1 = 1, 2 side value loaded from v1 [.., T, H].
     # Program (iv, nh, s) owns value block iv of sequence-head nh, tokens [s SEG, (s+1) SEG);
     # it starts from the carry folded from the earlier segments' summaries dx (_la_summary_kernel).
+    # Backward options (kernels/backward.py), all off in the forward:
+    # REV: the sequence is read from its last token to its first (tokens are logical indices).
+    # QS > 0: a scalar query/key side channel, query q_t -> [q_t, q1_t], key k_j -> [k_j, k1_j]
+    #   (QS / KS: 1 the scalar is 1, 2 loaded from q1 / k1 [.., T, H]); its carry row
+    #   XR = sum g^(t-j) k1_j v_j^T starts from xr0 [N, H, DV]; segment summaries in dxr.
+    # SHIFT: the initial carry is the state *after* a virtual first update: it enters token
+    #   tau with g^tau, not g^(tau+1) (a final-state cotangent read backward in time).
+    # ACCUM / ACCUM1: add to what o / o1 already hold instead of overwriting.
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     s = tl.program_id(2)
@@ -77,18 +107,26 @@ def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, 
     x_msk = mk[:, None] & mv[None, :]
     X = tl.zeros((BK, BV), dtype=ACC)
     X1 = tl.zeros((BK,), dtype=ACC)
+    XR = tl.zeros((BV,), dtype=ACC)
     if HAS_INIT:
         X = tl.load(x0 + x_off, mask=x_msk, other=0).to(ACC)
         if SIDE > 0:
             X1 = tl.load(x1_0 + sbase * D + ok, mask=mk, other=0).to(ACC)
+        if QS > 0:
+            XR = tl.load(xr0 + sbase * DV + ov, mask=mv, other=0).to(ACC)
     start = s * SEG
     stop = tl.minimum(start + SEG, L)
     gS = tl.exp2(lg * SEG)                                                               # g^SEG
     for sp in range(0, tl.minimum(s, NSUM)):  # Horner over the full earlier segments
-        X = gS * X + tl.load(dx + (sbase * NSUM + sp) * D * DV + ok[:, None] * DV + ov[None, :],
+        fS = gS
+        if SHIFT:
+            fS = tl.where(sp == 0, tl.exp2(lg * (SEG - 1)), gS)  # the initial carry: g^(SEG-1)
+        X = fS * X + tl.load(dx + (sbase * NSUM + sp) * D * DV + ok[:, None] * DV + ov[None, :],
                              mask=x_msk, other=0)
         if SIDE > 0:
-            X1 = gS * X1 + tl.load(dx1 + (sbase * NSUM + sp) * D + ok, mask=mk, other=0)
+            X1 = fS * X1 + tl.load(dx1 + (sbase * NSUM + sp) * D + ok, mask=mk, other=0)
+        if QS > 0:
+            XR = fS * XR + tl.load(dxr + (sbase * NSUM + sp) * DV + ov, mask=mv, other=0)
     r2 = oc[:, None]
     c2 = oc[None, :]
     b = _decay(lg, pw, oc + 1, TABLE)                                                    # g^(r+1)
@@ -96,7 +134,7 @@ def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, 
     for cs in range(start, stop, C):
         Lc = tl.minimum(stop - cs, C)
         mr = oc < Lc
-        rows = bos + cs + oc
+        rows = _rows(bos, L, cs + oc, REV)
         qk_off = (rows[:, None] * H + h) * D + ok[None, :]
         qk_msk = mr[:, None] & mk[None, :]
         v_off = (rows[:, None] * H + h) * DV + ov[None, :]
@@ -107,24 +145,39 @@ def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, 
         qd = qb.to(DOT)
         gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)          # g^(Lc-1-j)
         gC = _decay(lg, pw, Lc, TABLE)                                                   # g^Lc
-        A = tl.dot(qd, tl.trans(kb.to(DOT)), input_precision=PREC, out_dtype=ACC) * Dm   # [r,j]
-        ob = b[:, None] * tl.dot(qd, X.to(DOT), input_precision=PREC, out_dtype=ACC)
+        bc = b
+        gX = gC  # decay of the chunk-start carry over the chunk
+        if SHIFT:
+            f0 = (cs == 0).to(tl.int32)  # the first chunk: the initial carry is one decay ahead
+            bc = _decay(lg, pw, oc + 1 - f0, TABLE)
+            gX = _decay(lg, pw, Lc - f0, TABLE)
+        A = tl.dot(qd, tl.trans(kb.to(DOT)), input_precision=PREC, out_dtype=ACC)       # [r,j]
+        ob = bc[:, None] * tl.dot(qd, X.to(DOT), input_precision=PREC, out_dtype=ACC)
+        if QS > 0:
+            qs = _side_vals(q1, rows, H, h, mr, QS, ACC)
+            ks = _side_vals(k1, rows, H, h, mr, KS, ACC)
+            A += qs[:, None] * ks[None, :]
+            ob += (bc * qs)[:, None] * XR[None, :]
+        A = A * Dm
         ob += tl.dot(A.to(DOT), vd, input_precision=PREC, out_dtype=ACC)
         if SIDE > 0:
-            if SIDE == 1:
-                w1 = mr.to(ACC)
-            else:
-                w1 = tl.load(v1 + rows * H + h, mask=mr, other=0).to(ACC)
-            ob1 = b * tl.sum(qb.to(ACC) * X1[None, :], 1) + tl.sum(A * w1[None, :], 1)
+            w1 = _side_vals(v1, rows, H, h, mr, SIDE, ACC)
+            ob1 = bc * tl.sum(qb.to(ACC) * X1[None, :], 1) + tl.sum(A * w1[None, :], 1)
             if DIVIDE:
                 ob = ob / (ob1 + tl.load(eps))[:, None]
             if STORE_O1:
                 if iv == 0:
+                    if ACCUM1:
+                        ob1 += tl.load(o1 + rows * H + h, mask=mr, other=0).to(ACC)
                     tl.store(o1 + rows * H + h, ob1.to(o1.dtype.element_ty), mask=mr)
-            X1 = gC * X1 + tl.sum(kb.to(ACC) * (gk * w1)[:, None], 0)
+            X1 = gX * X1 + tl.sum(kb.to(ACC) * (gk * w1)[:, None], 0)
+        if ACCUM:
+            ob += tl.load(o + v_off, mask=v_msk, other=0).to(ACC)
         tl.store(o + v_off, ob.to(o.dtype.element_ty), mask=v_msk)
+        if QS > 0:
+            XR = gX * XR + tl.sum((ks * gk)[:, None] * vd.to(ACC), 0)
         kg = (kb.to(ACC) * gk[:, None]).to(DOT)
-        X = gC * X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)
+        X = gX * X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)
     if STORE_FINAL:
         if (start < L) & (stop == L):  # the sequence's last segment
             tl.store(xf + x_off, X.to(xf.dtype.element_ty), mask=x_msk)
@@ -134,12 +187,14 @@ def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, 
 
 
 @triton.jit
-def _la_summary_kernel(k, v, v1, dx, dx1, log2g_ptr, pow_ptr, cu, T, H, D, DV, SEG, NSUM,
+def _la_summary_kernel(k, v, v1, dx, dx1, log2g_ptr, pow_ptr, cu, k1, dxr, T, H, D, DV, SEG, NSUM,
                        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SIDE: tl.constexpr,
                        VARLEN: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                       TABLE: tl.constexpr):
+                       TABLE: tl.constexpr, REV: tl.constexpr = False, QS: tl.constexpr = 0,
+                       KS: tl.constexpr = 1):
     # dx[nh, s] = sum_{j in segment s} g^(end_s - 1 - j) k_j v_j^T: the carry a segment adds
-    # (its chunk updates X <- g^Lc X + (K g^(Lc-1-j))^T V from X = 0); dx1 the same with v1.
+    # (its chunk updates X <- g^Lc X + (K g^(Lc-1-j))^T V from X = 0); dx1 the same with v1,
+    # dxr (QS > 0) the query/key side channel's carry row with k1; REV as the chunk kernel.
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     s = tl.program_id(2)
@@ -155,12 +210,13 @@ def _la_summary_kernel(k, v, v1, dx, dx1, log2g_ptr, pow_ptr, cu, T, H, D, DV, S
     sbase = nh.to(tl.int64)
     X = tl.zeros((BK, BV), dtype=ACC)
     X1 = tl.zeros((BK,), dtype=ACC)
+    XR = tl.zeros((BV,), dtype=ACC)
     start = s * SEG
     stop = tl.minimum(start + SEG, L)
     for cs in range(start, stop, C):
         Lc = tl.minimum(stop - cs, C)
         mr = oc < Lc
-        rows = bos + cs + oc
+        rows = _rows(bos, L, cs + oc, REV)
         kb = tl.load(k + (rows[:, None] * H + h) * D + ok[None, :], mask=mr[:, None] & mk[None, :], other=0)
         vd = tl.load(v + (rows[:, None] * H + h) * DV + ov[None, :], mask=mr[:, None] & mv[None, :],
                      other=0).to(DOT)
@@ -169,25 +225,30 @@ def _la_summary_kernel(k, v, v1, dx, dx1, log2g_ptr, pow_ptr, cu, T, H, D, DV, S
         kg = (kb.to(ACC) * gk[:, None]).to(DOT)
         X = gC * X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)
         if SIDE > 0:
-            if SIDE == 1:
-                w1 = mr.to(ACC)
-            else:
-                w1 = tl.load(v1 + rows * H + h, mask=mr, other=0).to(ACC)
+            w1 = _side_vals(v1, rows, H, h, mr, SIDE, ACC)
             X1 = gC * X1 + tl.sum(kb.to(ACC) * (gk * w1)[:, None], 0)
+        if QS > 0:
+            ks = _side_vals(k1, rows, H, h, mr, KS, ACC)
+            XR = gC * XR + tl.sum((ks * gk)[:, None] * vd.to(ACC), 0)
     tl.store(dx + (sbase * NSUM + s) * D * DV + ok[:, None] * DV + ov[None, :], X.to(dx.dtype.element_ty),
              mask=mk[:, None] & mv[None, :])
     if SIDE > 0:
         if iv == 0:
             tl.store(dx1 + (sbase * NSUM + s) * D + ok, X1.to(dx1.dtype.element_ty), mask=mk)
+    if QS > 0:
+        tl.store(dxr + (sbase * NSUM + s) * DV + ov, XR.to(dxr.dtype.element_ty), mask=mv)
 
 
 @triton.jit
-def _la_recurrent_kernel(q, k, v, o, v1, o1, g_ptr, x0, x1_0, xf, x1f, cu, eps, T, H, D, DV,
+def _la_recurrent_kernel(q, k, v, o, v1, o1, g_ptr, x0, x1_0, xf, x1f, cu, eps, q1, k1, xr0, T, H, D, DV,
                          BK: tl.constexpr, BV: tl.constexpr, SIDE: tl.constexpr, DIVIDE: tl.constexpr,
                          STORE_O1: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-                         VARLEN: tl.constexpr, ACC: tl.constexpr):
+                         VARLEN: tl.constexpr, ACC: tl.constexpr, REV: tl.constexpr = False,
+                         QS: tl.constexpr = 0, KS: tl.constexpr = 1, SHIFT: tl.constexpr = False,
+                         ACCUM: tl.constexpr = False, ACCUM1: tl.constexpr = False):
     # the online update token by token, X_t = g X_{t-1} + k_t v_t^T, o_t = q_t^T X_t, in ACC
-    # element-wise arithmetic (no tl.dot); same arguments and side channel as the chunk kernel
+    # element-wise arithmetic (no tl.dot); same arguments, side channels and backward
+    # options (REV, QS / KS, SHIFT, ACCUM / ACCUM1) as the chunk kernel
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     h = nh % H
@@ -202,29 +263,50 @@ def _la_recurrent_kernel(q, k, v, o, v1, o1, g_ptr, x0, x1_0, xf, x1f, cu, eps, 
     x_msk = mk[:, None] & mv[None, :]
     X = tl.zeros((BK, BV), dtype=ACC)
     X1 = tl.zeros((BK,), dtype=ACC)
+    XR = tl.zeros((BV,), dtype=ACC)
     if HAS_INIT:
         X = tl.load(x0 + x_off, mask=x_msk, other=0).to(ACC)
         if SIDE > 0:
             X1 = tl.load(x1_0 + sbase * D + ok, mask=mk, other=0).to(ACC)
+        if QS > 0:
+            XR = tl.load(xr0 + sbase * DV + ov, mask=mv, other=0).to(ACC)
     for t in range(0, L):
-        row = bos + t
+        row = _rows(bos, L, t, REV)
+        gt = g
+        if SHIFT:
+            gt = tl.where(t == 0, 1.0, g).to(ACC)  # the initial carry is one decay ahead
         qt = tl.load(q + (row * H + h) * D + ok, mask=mk, other=0).to(ACC)
         kt = tl.load(k + (row * H + h) * D + ok, mask=mk, other=0).to(ACC)
         vt = tl.load(v + (row * H + h) * DV + ov, mask=mv, other=0).to(ACC)
-        X = g * X + kt[:, None] * vt[None, :]
+        X = gt * X + kt[:, None] * vt[None, :]
         ot = tl.sum(qt[:, None] * X, 0)
+        if QS > 0:
+            if QS == 1:
+                qs = 1.0
+            else:
+                qs = tl.load(q1 + row * H + h).to(ACC)
+            if KS == 1:
+                ks = 1.0
+            else:
+                ks = tl.load(k1 + row * H + h).to(ACC)
+            XR = gt * XR + ks * vt
+            ot += qs * XR
         if SIDE > 0:
             if SIDE == 1:
                 w1 = 1.0
             else:
                 w1 = tl.load(v1 + row * H + h).to(ACC)
-            X1 = g * X1 + kt * w1
+            X1 = gt * X1 + kt * w1
             ot1 = tl.sum(qt * X1, 0)
             if DIVIDE:
                 ot = ot / (ot1 + tl.load(eps))
             if STORE_O1:
                 if iv == 0:
+                    if ACCUM1:
+                        ot1 += tl.load(o1 + row * H + h).to(ACC)
                     tl.store(o1 + row * H + h, ot1.to(o1.dtype.element_ty))
+        if ACCUM:
+            ot += tl.load(o + (row * H + h) * DV + ov, mask=mv, other=0).to(ACC)
         tl.store(o + (row * H + h) * DV + ov, ot.to(o.dtype.element_ty), mask=mv)
     if STORE_FINAL:
         tl.store(xf + x_off, X.to(xf.dtype.element_ty), mask=x_msk)
@@ -323,30 +405,52 @@ class Chain:
         return self._decays[power]
 
     def __call__(self, q, k, v, power: int, *, last=False, side=None, divide=False, side_out=False,
-                 eps=1e-6, init=(None, None), final=(None, None)):
+                 eps=1e-6, init=(None, None), final=(None, None), reverse=False, shift=False,
+                 qside=None, xr_init=None, out=None, out1=None, out_dtype=None):
         """LA(q, k, v; gamma^power) over the sequences of p. Returns (o [B, T, H, dv], side
         output [B, T, H] or None).
 
         side: None, "ones" (v1 = 1) or a tensor [B, T, H] of per-token side values.
         divide: o / (side output + eps) (the normalized operators' last stage).
         init / final: (X [N, H, d, dv], X1 [N, H, d, 1] or None) carry in / out, or Nones.
+        Backward options (kernels/backward.py): reverse reads every sequence from its end;
+        shift: the initial carry enters token tau with g^tau (a final-state cotangent);
+        qside: (q1, k1), each "ones" or a tensor [B, T, H]: query q_t -> [q_t, q1_t] and key
+        k_j -> [k_j, k1_j], with the initial carry row xr_init [N, H, dv] (or None);
+        out / out1: tensors to add the output / side output to (else fresh ones, of out_dtype
+        or by default the input dtype for `last`, the stage-output format otherwise).
         """
         p = self.p
         B, T, H, N, sdt = p["B"], p["T"], p["H"], p["N"], p["sdt"]
         d, dv = q.shape[-1], v.shape[-1]
         dev = q.device
-        o = torch.empty((B, T, H, dv), dtype=p["q"].dtype if last else self.mid_dtype, device=dev)
-        o1 = torch.empty((B, T, H), dtype=sdt, device=dev) if side_out else o
+        if out is None:
+            dt = out_dtype or (p["q"].dtype if last else self.mid_dtype)
+            o = torch.empty((B, T, H, dv), dtype=dt, device=dev)
+        else:
+            o = out
+        o1 = (out1 if out1 is not None else torch.empty((B, T, H), dtype=sdt, device=dev)) if side_out else o
         SIDE = 0 if side is None else 1 if isinstance(side, str) and side == "ones" else 2
-        dummy = o
+        QS = KS = 0
+        q1 = k1 = dummy = o
+        if qside is not None:
+            QS, KS = (1 if isinstance(x, str) else 2 for x in qside)
+            q1 = qside[0].contiguous() if QS == 2 else dummy
+            k1 = qside[1].contiguous() if KS == 2 else dummy
         args = dict(v1=side.contiguous() if SIDE == 2 else dummy, o1=o1,
                     x0=init[0] if init[0] is not None else dummy, x1_0=init[1] if init[1] is not None else dummy,
                     xf=final[0] if final[0] is not None else dummy, x1f=final[1] if final[1] is not None else dummy,
                     cu=p["cu"] if p["cu"] is not None else dummy,
-                    eps=torch.full((1,), float(eps), dtype=sdt, device=dev) if divide else dummy)
-        flags = dict(SIDE=SIDE, DIVIDE=bool(divide), STORE_O1=bool(side_out), HAS_INIT=init[0] is not None,
+                    eps=torch.full((1,), float(eps), dtype=sdt, device=dev) if divide else dummy,
+                    q1=q1, k1=k1, xr0=xr_init if xr_init is not None else dummy)
+        has_init = init[0] is not None or xr_init is not None
+        if has_init and (init[0] is None or (SIDE and init[1] is None) or (QS and xr_init is None)):
+            raise ValueError("an initial carry needs all of its parts (X, and X1 / the side row when used)")
+        flags = dict(SIDE=SIDE, DIVIDE=bool(divide), STORE_O1=bool(side_out), HAS_INIT=has_init,
                      STORE_FINAL=final[0] is not None, VARLEN=p["cu"] is not None,
-                     ACC=tl.float64 if sdt == torch.float64 else tl.float32)
+                     ACC=tl.float64 if sdt == torch.float64 else tl.float32,
+                     REV=bool(reverse), QS=QS, KS=max(KS, 1), SHIFT=bool(shift) and has_init,
+                     ACCUM=out is not None, ACCUM1=side_out and out1 is not None)
         if self.mode == "recurrent":
             BK = max(16, triton.next_power_of_2(d))
             BV = max(16, min(self.knobs["block_v"] or 64, triton.next_power_of_2(dv)))
@@ -370,17 +474,19 @@ class Chain:
         log2g, table = self.decay(power)
         TABLE = sdt == torch.float64
         ns = d == 1 or dv == 1
-        dx = dx1 = dummy
+        dx = dx1 = dxr = dummy
         consts = dict(BK=BK, BV=BV, C=C, DOT=DOT, PREC=PREC, TABLE=TABLE)
         if nseg > 1:
             dx = torch.empty((N, H, nseg - 1, d, dv), dtype=sdt, device=dev)
             dx1 = torch.empty((N, H, nseg - 1, d), dtype=sdt, device=dev) if SIDE else dummy
+            dxr = torch.empty((N, H, nseg - 1, dv), dtype=sdt, device=dev) if QS else dummy
             (_la_summary_kernel_ns if ns else _la_summary_kernel)[(nvb, N * H, nseg - 1)](
-                k, v, args["v1"], dx, dx1, log2g, table, args["cu"], T, H, d, dv, SEG, nseg - 1,
-                SIDE=SIDE, VARLEN=flags["VARLEN"], ACC=flags["ACC"], **consts, **launch)
+                k, v, args["v1"], dx, dx1, log2g, table, args["cu"], k1, dxr, T, H, d, dv, SEG, nseg - 1,
+                SIDE=SIDE, VARLEN=flags["VARLEN"], ACC=flags["ACC"], REV=flags["REV"], QS=QS, KS=flags["KS"],
+                **consts, **launch)
         (_la_chunk_kernel_ns if ns else _la_chunk_kernel)[(nvb, N * H, nseg)](
-            q, k, v, o, log2g_ptr=log2g, pow_ptr=table, dx=dx, dx1=dx1, T=T, H=H, D=d, DV=dv, SEG=SEG,
-            NSUM=nseg - 1, **args, **flags, **consts, **launch)
+            q, k, v, o, log2g_ptr=log2g, pow_ptr=table, dx=dx, dx1=dx1, dxr=dxr, T=T, H=H, D=d, DV=dv,
+            SEG=SEG, NSUM=nseg - 1, **args, **flags, **consts, **launch)
         return o, (o1 if side_out else None)
 
 
@@ -402,11 +508,11 @@ class Stage(NamedTuple):
     side: Optional[str] = None
 
 
-def run_chain(chain, state_cls, mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state,
-              output_final_state, cu_seqlens, check_finite, block_v=None, num_warps=None,
-              num_stages=None, segment_chunks=None):
-    """Validate the inputs and run `chain` (a tuple of Stage) in `mode`; the last stage is
-    the operator's output. Returns (o [B, T, H, dv], state_cls or None)."""
+def setup_chain(chain, state_cls, mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state,
+                output_final_state, cu_seqlens, check_finite, block_v=None, num_warps=None,
+                num_stages=None, segment_chunks=None):
+    """Validate the inputs of `chain` (a tuple of Stage) in `mode`. Returns (p, initial
+    carries {field: tensor or None}, fresh final state_cls or None, Chain)."""
     p = prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite)
     N, H, d, dv = p["N"], p["H"], p["d"], p["dv"]
     width = {"k": d, "v": dv}
@@ -417,16 +523,34 @@ def run_chain(chain, state_cls, mode, q, k, v, gamma, normalize, eps, chunk_size
         if s.side is not None:
             shapes[s.side] = (N, H, d, 1)
     st, fin = carry_in_out(state_cls, shapes, initial_state, output_final_state, normalize, q.device, p["sdt"])
-    f = fin._asdict() if fin is not None else dict.fromkeys(state_cls._fields)
-    la = Chain(p, mode, block_v, num_warps, num_stages, segment_chunks)
+    return p, st, fin, Chain(p, mode, block_v, num_warps, num_stages, segment_chunks)
+
+
+def forward_chain(chain, la, p, st, fin, normalize, eps, keep_side=False):
+    """Run the stages of `chain` on p's q, k, v; the last stage is the operator's output.
+    Returns (o [B, T, H, dv], {stage input: (tensor, its v -> 1 side value)}); with
+    keep_side the dividing last stage also stores its denominator (for the backward)."""
+    f = fin._asdict() if fin is not None else {}
     out = {"k": (p["k"], None), "v": (p["v"], "ones")}  # stage input -> (tensor, its v -> 1 side value)
     for i, s in enumerate(chain):
         last = i == len(chain) - 1
         val, side = out[s.value]
         use_side = bool(normalize) and s.side is not None
         o, o1 = la(p["q"], out[s.key][0], val, s.power, last=last, side=side if use_side else None,
-                   side_out=use_side and not last, divide=use_side and last, eps=eps,
+                   side_out=use_side and (not last or keep_side), divide=use_side and last, eps=eps,
                    init=(st[s.state], st[s.side] if use_side else None),
-                   final=(f[s.state], f[s.side] if use_side else None))
+                   final=(f.get(s.state), f.get(s.side) if use_side else None))
         out[s.state] = (o, o1)
-    return o, fin
+    return o, out
+
+
+def run_chain(chain, state_cls, mode, q, k, v, gamma, normalize, eps, chunk_size, initial_state,
+              output_final_state, cu_seqlens, check_finite, block_v=None, num_warps=None,
+              num_stages=None, segment_chunks=None):
+    """Validate the inputs and run `chain` (a tuple of Stage) in `mode`, forward only (the
+    public functions add the backward: kernels/backward.py). Returns (o [B, T, H, dv],
+    state_cls or None)."""
+    p, st, fin, la = setup_chain(chain, state_cls, mode, q, k, v, gamma, normalize, eps, chunk_size,
+                                 initial_state, output_final_state, cu_seqlens, check_finite, block_v,
+                                 num_warps, num_stages, segment_chunks)
+    return forward_chain(chain, la, p, st, fin, normalize, eps)[0], fin

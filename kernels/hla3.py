@@ -19,7 +19,8 @@ The recurrent forms run the same chains with the token-by-token LA kernel.
 from __future__ import annotations
 
 from ._common import HLA3State
-from .gla import Stage, run_chain
+from .backward import chain_apply
+from .gla import Stage
 
 # the derived streaming update as LA stages (kernels/gla.py: Stage); checked against the
 # derivation engine by property_tests/test_kernel_chains.py
@@ -28,7 +29,7 @@ CHAIN = (Stage("KK", key="k", value="k", power=1),
          Stage("KK_QQ_KV", key="KK", value="KV", power=3, side="KK_QQ_K1"))
 
 
-def chunk_hla3(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
+def chunk_hla3(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
                output_final_state=False, cu_seqlens=None, check_finite=True,
                block_v=None, num_warps=None, num_stages=None, segment_chunks=None):
     """Chunked HLA3 forward. Returns (o [B,T,H,dv], HLA3State or None).
@@ -37,16 +38,20 @@ def chunk_hla3(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64,
     initial_state an HLA3State (also one from fused_recurrent_hla3 or built from
     hla_core.evaluate("hla3", ..., return_state=True)); cu_seqlens packs sequences (B = 1).
     """
-    return run_chain(CHAIN, HLA3State, "chunk", q, k, v, gamma, normalize, eps, chunk_size, initial_state,
-                     output_final_state, cu_seqlens, check_finite, block_v, num_warps, num_stages,
-                     segment_chunks)
+    return chain_apply(CHAIN, HLA3State, "chunk", q, k, v, gamma=gamma, scale=scale, normalize=normalize,
+                       eps=eps, chunk_size=chunk_size, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                       check_finite=check_finite, block_v=block_v, num_warps=num_warps,
+                       num_stages=num_stages, segment_chunks=segment_chunks)
 
 
-def fused_recurrent_hla3(q, k, v, *, gamma=None, normalize=False, eps=1e-6, chunk_size=64,
+def fused_recurrent_hla3(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64,
                          initial_state=None, output_final_state=False, cu_seqlens=None,
                          check_finite=True, block_v=None, num_warps=None, num_stages=None):
     """Token-by-token HLA3 forward (same contract as chunk_hla3; chunk_size is only checked):
     the same chain with the recurrent LA kernel, element-wise fp32 (fp64) arithmetic."""
-    return run_chain(CHAIN, HLA3State, "recurrent", q, k, v, gamma, normalize, eps, chunk_size,
-                     initial_state, output_final_state, cu_seqlens, check_finite, block_v, num_warps,
-                     num_stages)
+    return chain_apply(CHAIN, HLA3State, "recurrent", q, k, v, gamma=gamma, scale=scale, normalize=normalize,
+                       eps=eps, chunk_size=chunk_size, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                       check_finite=check_finite, block_v=block_v, num_warps=num_warps,
+                       num_stages=num_stages)

@@ -1,0 +1,270 @@
+"""Backward of the LA chains: every HLA kernel is a torch.autograd op.
+
+One stage of a chain (kernels/gla.py: Stage) is N = LA(q, a, b; g) with a the stage's key,
+b its value (token vectors or earlier stages' outputs), g = gamma^power:
+
+    N_t = sum_{j <= t} g^(t-j) (q_t . a_j) b_j      (+ g^(t+1) q_t^T X0, X0 the initial carry)
+
+Its VJP for a cotangent dN is again three LAs, one forward and two backward in time
+(VJP_RULES below; derived by hand, checked against the engine's gradient terms by
+property_tests/test_kernels_backward.py, symbolically for every T, and numerically):
+
+    dq_t = sum_{j <= t} g^(t-j) (dN_t . b_j) a_j   = LA(dN, b, a)_t         forward
+    da_j = sum_{t >= j} g^(t-j) (b_j . dN_t) q_t   = LA~(b, dN, q)_j        reversed
+    db_j = sum_{t >= j} g^(t-j) (a_j . q_t) dN_t   = LA~(a, q, dN)_j        reversed
+
+LA~ is the LA kernel reading every sequence from its last token (REV: no flipped copies,
+cu_seqlens too). The chain's backward runs its stages in reverse order; a stage's key or
+value that is an earlier stage's output passes its cotangent on to that stage (the key
+stage of HLA2 / HLA3 has key = value = k, so both its a- and b-cotangents land on k).
+Carries: the initial carry X0 enters the forward rule as its initial carry (transposed:
+that rule's carry is sum b a^T); a cotangent dXf on the final carry enters the reversed
+rules as theirs, one decay ahead (SHIFT: X_final holds the last token with g^0); and the
+reversed rule with key q and value dN ends on sum_t g^t q_t dN_t^T, so
+dX0 = g (that carry) = sum_t g^(t+1) q_t dN_t^T + g^L dXf.
+
+Normalized operators: every stage with a side carry also runs its v -> 1 channel, a
+scalar per token (kernels/gla.py); in the backward dN comes with the side cotangent dD,
+and b with the side value b1 (1 for v, the previous stage's side output after it). The
+three rules act on the extended vectors [dN, dD], [b, b1]: rules 1 and 2 take the scalar
+pair as a query/key side channel (QS), rule 3 as a value side channel whose output is b1's
+cotangent. The dividing stage o = N / (D + eps) starts them with the quotient rule
+dN = do / (D + eps), dD = -(do . o) / (D + eps).
+
+Memory kept for the backward, per token and head: the intermediate stage outputs (kt: d,
+vt: dv in the stage-output format, bf16 for bf16 inputs; vt1: one fp32 with normalize)
+and, normalized, the denominator D (one fp32); q, k, v, o are the caller's tensors
+(q * scale is kept when scale != 1). Nothing d x d per token or per chunk. The backward
+allocates fp32 (fp64) cotangent buffers: dq, dk, dv and one per intermediate stage.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ._common import _is_real
+from .gla import forward_chain, setup_chain
+
+
+class Rule(NamedTuple):
+    """One LA of a stage's VJP: target += LA(query, key, value; g), in time order or
+    reversed. Roles: "q" the token query, "a" the stage's key, "b" its value, "dN" the
+    cotangent of the stage's output; target "q", "a" or "b"."""
+    target: str
+    query: str
+    key: str
+    value: str
+    reverse: bool
+
+
+VJP_RULES = (Rule("q", query="dN", key="b", value="a", reverse=False),
+             Rule("a", query="b", key="dN", value="q", reverse=True),
+             Rule("b", query="a", key="q", value="dN", reverse=True))
+SIDE_OF = {"dN": "dD", "b": "b1"}  # the roles with a scalar v -> 1 partner (normalized)
+B_SPACE = ("b", "dN")              # roles in the value space (a rule's carry is key x value)
+
+
+def _autocast(q, k, v):
+    """Inside torch.autocast the kernels compute in the autocast dtype, like a matmul:
+    float32 / float16 / bfloat16 inputs are cast to it (float64 is left alone), the output
+    and the final state's dtypes follow, and autograd casts the gradients back to the
+    inputs' dtypes."""
+    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dt = torch.get_autocast_dtype(q.device.type)
+    cast = (lambda x: x.to(dt) if isinstance(x, torch.Tensor)  # noqa: E731
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x)
+    return cast(q), cast(k), cast(v)
+
+
+def check_scale(scale) -> float:
+    if not _is_real(scale):
+        raise TypeError(f"scale must be a real number (Python or numpy scalar), got {scale!r} "
+                        f"({type(scale).__name__})")
+    s = float(scale)
+    if not math.isfinite(s):
+        raise ValueError(f"scale must be finite, got {s!r}")
+    return s
+
+
+class _Config(NamedTuple):
+    chain: tuple
+    state_cls: type
+    mode: str
+    gamma: object
+    scale: float
+    normalize: bool
+    eps: float
+    chunk_size: int
+    output_final_state: bool
+    cu_seqlens: object
+    check_finite: bool
+    knobs: dict
+    state: object       # the initial state with its tensor fields taken out (None placeholders)
+    state_idx: tuple    # positions of the tensor fields passed to apply
+
+
+class ChainFunction(torch.autograd.Function):
+    """(o, *final-state fields) = the chain's forward; backward: chain_backward."""
+
+    @staticmethod
+    def forward(ctx, cfg: _Config, q, k, v, *fields):
+        state = cfg.state
+        if cfg.state_idx:
+            vals = list(state)
+            for i, x in zip(cfg.state_idx, fields):
+                vals[i] = x
+            state = type(state)(*vals)
+        with torch.autocast(q.device.type, enabled=False):
+            p, st, fin, la = setup_chain(cfg.chain, cfg.state_cls, cfg.mode, q, k, v, cfg.gamma, cfg.normalize,
+                                         cfg.eps, cfg.chunk_size, state, cfg.output_final_state,
+                                         cfg.cu_seqlens, cfg.check_finite, **cfg.knobs)
+            if cfg.scale != 1.0:
+                p["q"] = (p["q"] * cfg.scale).contiguous()
+            o, out = forward_chain(cfg.chain, la, p, st, fin, cfg.normalize, cfg.eps, keep_side=True)
+        ctx.cfg, ctx.p, ctx.la, ctx.st, ctx.out = cfg, p, la, st, out
+        ctx.field_dtypes = [x.dtype for x in fields]
+        ctx.set_materialize_grads(False)
+        fin = fin._asdict() if fin is not None else {}
+        ctx.fin_names = tuple(n for n, x in fin.items() if x is not None)
+        return (o,) + tuple(fin[n] for n in ctx.fin_names)
+
+    @staticmethod
+    def backward(ctx, do, *dfin):
+        cfg, p = ctx.cfg, ctx.p
+        need = dict(q=ctx.needs_input_grad[1], k=ctx.needs_input_grad[2], v=ctx.needs_input_grad[3],
+                    init=any(ctx.needs_input_grad[4:]))
+        with torch.autocast(p["q"].device.type, enabled=False):
+            dq, dk, dv, dinit = chain_backward(cfg.chain, ctx.la, p, ctx.st, ctx.out, cfg.normalize, cfg.eps,
+                                               do, dict(zip(ctx.fin_names, dfin)), need)
+        ctx.out = ctx.p = ctx.la = ctx.st = None  # free the kept intermediates
+        dt = p["k"].dtype
+        grads = [None,
+                 (dq * cfg.scale).to(dt) if need["q"] and dq is not None else None,
+                 dk.to(dt) if need["k"] and dk is not None else None,
+                 dv.to(dt) if need["v"] and dv is not None else None]
+        names = cfg.state_cls._fields
+        for i, fdt in zip(cfg.state_idx, ctx.field_dtypes):
+            g = dinit.get(names[i])
+            grads.append(g.to(fdt) if g is not None else None)
+        return tuple(grads)
+
+
+def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
+    """(dq, dk, dv, {state field: cotangent of the initial carry}) of one chain call.
+
+    la: the forward's Chain (mode, launch knobs, decays); st: its initial carries; out: the
+    stage outputs {name: (tensor, side value)}; do: cotangent of o (or None); dfin:
+    {final-state field: cotangent or None}; need: which gradients are wanted. The
+    cotangents are fp32 (fp64 for fp64 inputs) tensors [B, T, H, width] ([B, T, H] for
+    side channels); every rule's LA adds into its target's buffer (ACCUM) after the first.
+    """
+    sdt, H = p["sdt"], p["H"]
+    B, T = p["B"], p["T"]
+    shape = lambda w: (B, T, H, w)  # noqa: E731
+    cot, dinit = {}, {}
+    producer_side = {s.state: s.side for s in chain}
+    n = len(chain)
+    for i in range(n - 1, -1, -1):
+        s = chain[i]
+        use_side = bool(normalize) and s.side is not None
+        a = out[s.key][0]
+        b, b1 = out[s.value]
+        if i == n - 1:
+            if do is None:
+                dN = dD = None
+            elif use_side:  # quotient rule of o = N / (D + eps)
+                den = out[s.state][1] + eps
+                dN = do.to(sdt) / den[..., None]
+                dD = -(dN * out[s.state][0].to(sdt)).sum(-1)
+            else:
+                dN, dD = do.contiguous(), None
+        else:
+            dN, dD = cot.pop(s.state, None), (cot.pop(s.side, None) if use_side else None)
+        dXf, dX1f = dfin.get(s.state), (dfin.get(s.side) if use_side else None)
+        X0, X10 = st.get(s.state), (st.get(s.side) if use_side else None)
+        want_init = need["init"] and X0 is not None
+        if dN is None and dD is None and dXf is None and dX1f is None:
+            continue  # nothing reaches this stage (its outputs were not used)
+        w = b.shape[-1]
+        dN = dN if dN is not None else torch.zeros(shape(w), dtype=sdt, device=a.device)
+        if use_side:
+            dD = dD if dD is not None else torch.zeros((B, T, H), dtype=sdt, device=a.device)
+        else:
+            b1 = None
+        if dXf is not None or dX1f is not None:
+            d = a.shape[-1]
+            dXf = dXf if dXf is not None else torch.zeros((p["N"], H, d, w), dtype=sdt, device=a.device)
+            if use_side and dX1f is None:
+                dX1f = torch.zeros((p["N"], H, d, 1), dtype=sdt, device=a.device)
+        vals = {"q": p["q"], "a": a, "b": b, "dN": dN}
+        sides = {"dN": dD, "b": b1}
+        for r in VJP_RULES:
+            tgt = {"q": "q", "a": s.key, "b": s.value}[r.target]
+            gives_init = r.reverse and r.key == "q" and r.value == "dN"
+            if tgt in need and not need[tgt] and not (gives_init and want_init):
+                continue
+            qside = side = None
+            if use_side:
+                if r.query in SIDE_OF and r.key in SIDE_OF:
+                    qside = (sides[r.query], sides[r.key])
+                assert (r.query in SIDE_OF) == (r.key in SIDE_OF), r
+                side = sides.get(r.value)
+            tgt_side = producer_side.get(tgt) if (side is not None and r.target == "b") else None
+            tgt_side = tgt_side if use_side else None
+            # carries: the rule's carry is key x value; transposed against X (a x b) when its key is in b-space
+            tr = r.key in B_SPACE
+            X, X1 = (dXf, dX1f) if r.reverse else (X0, X10)
+            init, xr = (None, None), None
+            if X is not None:
+                init = ((X.transpose(-1, -2) if tr else X).contiguous(), None)
+                if qside is not None:
+                    xr = X1.reshape(X1.shape[0], H, -1).contiguous()
+                elif side is not None:
+                    init = (init[0], X1.contiguous())
+            final = (None, None)
+            if gives_init and want_init:
+                final = (torch.empty_like(X0), torch.empty_like(X10) if side is not None else None)
+            o_, o1_ = la(vals[r.query], vals[r.key], vals[r.value], s.power, side=side,
+                         side_out=tgt_side is not None, init=init, final=final, reverse=r.reverse,
+                         shift=r.reverse, qside=qside, xr_init=xr, out=cot.get(tgt),
+                         out1=cot.get(tgt_side) if tgt_side else None, out_dtype=sdt)
+            cot[tgt] = o_
+            if tgt_side is not None:
+                cot[tgt_side] = o1_
+            if final[0] is not None:
+                gp = (p["g64"] ** s.power).to(device=X0.device, dtype=sdt).view(1, H, 1, 1)
+                dinit[s.state] = final[0] * gp
+                if final[1] is not None:
+                    dinit[s.side] = final[1] * gp
+    return cot.get("q"), cot.get("k"), cot.get("v"), dinit
+
+
+def chain_apply(chain, state_cls, mode, q, k, v, *, gamma, scale, normalize, eps, chunk_size, initial_state,
+                output_final_state, cu_seqlens, check_finite, **knobs):
+    """The public functions' body: (o, final state or None) with the chain's backward
+    attached (q, k, v, the initial state's tensors; cotangents on the final state flow back)."""
+    if isinstance(gamma, torch.Tensor) and gamma.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "gamma requires grad, but the decay is a constant of the HLA kernels (no gradient with "
+            "respect to gamma is computed). Pass gamma.detach() or a float")
+    scale = check_scale(scale)
+    q, k, v = _autocast(q, k, v)
+    state, idx, fields = initial_state, (), ()
+    if isinstance(initial_state, tuple) and hasattr(initial_state, "_fields"):
+        vals = list(initial_state)
+        idx = tuple(i for i, x in enumerate(vals) if isinstance(x, torch.Tensor))
+        fields = tuple(vals[i] for i in idx)
+        state = type(initial_state)(*[None if i in idx else x for i, x in enumerate(vals)])
+    cfg = _Config(chain, state_cls, mode, gamma, scale, normalize, eps, chunk_size, output_final_state,
+                  cu_seqlens, check_finite, knobs, state, idx)
+    res = ChainFunction.apply(cfg, q, k, v, *fields)
+    o = res[0]
+    if not output_final_state:
+        return o, None
+    it = iter(res[1:])
+    opt = set(state_cls._field_defaults)
+    fin = state_cls(**{f: (next(it) if (normalize or f not in opt) else None) for f in state_cls._fields})
+    return o, fin
