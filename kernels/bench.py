@@ -251,7 +251,9 @@ def print_table(rows):
     shapes = sorted({(r["T"], r["d"]) for r in rows}, key=lambda s: (s[1], s[0]))
     methods = ["chunk_hla2", "chunk_ahla", "chunk_hla3", "first_order_la", "fla_chunk_simple_gla",
                "sdpa_causal", "torch_chunked_hla2"]
-    print("\n| T, d | " + " | ".join(methods) + " | hla2/fla | sdpa/hla2 |")
+    label = {"fla_chunk_simple_gla": "fla chunk_simple_gla", "sdpa_causal": "SDPA causal",
+             "torch_chunked_hla2": "plain-torch chunked HLA2"}
+    print("\n| T, d | " + " | ".join(label.get(m, m) for m in methods) + " | hla2 / fla | SDPA / hla2 |")
     print("|---" * (len(methods) + 3) + "|")
     for T, d in shapes:
         cells = []
