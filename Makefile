@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 OPS     ?=
 PROFILE ?= ci
 
-.PHONY: venv derivations check test bench clean
+.PHONY: venv derivations check test bench mutants clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m kernels.bench
+
+# The mutation catalogue (slow, so outside `make test`): every deliberate bug of
+# mutants/catalogue.py applied to a copy of the tree and its tests run there; writes
+# docs/mutants.{md,json}. MUTANTS="--only ID" / "--area kernel" / "-j 2" / "--rev HEAD".
+mutants: $(STAMP)
+	$(VPY) -m mutants $(MUTANTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

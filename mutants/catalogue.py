@@ -1,0 +1,449 @@
+"""The mutation catalogue: deliberate one-line bugs the test suite must catch.
+
+Each `Mutant` replaces the exact text `old` by `new` in one file (`scope`, when given,
+limits the search to one top-level function: from the line starting with `scope` to the
+next line that starts in column 0). `old` must occur exactly once (in the scope), else
+the runner reports the mutant STALE and fails: the catalogue must follow the code. A
+mutant is a realistic bug (an off-by-one, a wrong power, a dropped term, a check that
+looks at the wrong thing), never a syntax or import error.
+
+`tests` are the pytest targets that should catch it (files or node ids, narrowed with
+the `-k` expression `k` where that keeps the run short: the kernel tests run in the
+Triton interpreter); `python -m mutants --list` prints them.
+
+Adding a feature? Add its mutants here (the gradient and backward work will), run
+`python -m mutants --only ID` until each is caught, then `make mutants` for the docs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    area: str
+    file: str
+    old: str
+    new: str
+    tests: tuple
+    description: str
+    k: str | None = None
+    scope: str | None = None
+    notes: str = field(default="", compare=False)
+
+    def pytest_args(self) -> list[str]:
+        return list(self.tests) + (["-k", self.k] if self.k else [])
+
+
+ENGINE = "property_tests/test_engine.py"
+CHAINS = "property_tests/test_kernel_chains.py"
+REFS = "property_tests/test_references.py"
+VALID = "property_tests/test_validation.py"
+K2 = "property_tests/test_kernels.py"        # hla2 / ahla kernels (Triton interpreter)
+K3 = "property_tests/test_kernels_hla3.py"   # hla3 kernels
+
+SUMMARIES = "derivations/summaries.py"
+WEIGHTS = "derivations/weights.py"
+ALGEBRA = "derivations/algebra.py"
+CODEGEN = "derivations/codegen.py"
+RUNTIME = "hla_core/runtime.py"
+ERRMODEL = "hla_core/error_model.py"
+GLA = "kernels/gla.py"
+COMMON = "kernels/_common.py"
+
+CHUNK_KERNEL = "def _la_chunk_kernel("
+SUMMARY_KERNEL = "def _la_summary_kernel("
+RECURRENT_KERNEL = "def _la_recurrent_kernel("
+
+
+CATALOGUE: list[Mutant] = [
+    # ------------------------------------------------------------------ engine: summaries
+    # (split / _admissible / _decompose: the synthesis of streaming updates and ⊕)
+    Mutant(
+        "split-drops-carry-term", "engine-summaries", SUMMARIES,
+        'for assign in itertools.product(("A", b_seg), repeat=len(vars_)):',
+        'for assign in list(itertools.product(("A", b_seg), repeat=len(vars_)))[1:]:',
+        (CHAINS, ENGINE),
+        "split skips the all-in-A assignment: the decayed previous state drops out of every "
+        "update and every ⊕"),
+    Mutant(
+        "split-stream-decay-squared", "engine-summaries", SUMMARIES,
+        'rho = GAMMA if one_token else RHO["B"]',
+        'rho = GAMMA ** 2 if one_token else RHO["B"]',
+        (CHAINS, ENGINE),
+        "streaming updates decay the previous state by γ^(2c) instead of γ^c"),
+    Mutant(
+        "admissible-token-weak-as-strict", "engine-summaries", SUMMARIES,
+        'if ga == gb and ga == token_seg and op == "<":',
+        'if ga == gb and ga == token_seg and op == "<=":',
+        (CHAINS, ENGINE),
+        "_admissible rejects two indices tied at the new token under <= (and admits them "
+        "under <): the token's own term k_t k_tᵀ q_t v_tᵀ goes missing"),
+    Mutant(
+        "decompose-one-way-components", "engine-summaries", SUMMARIES,
+        "seg_of[b] == seg_of[a] and ((a, b) in rel or (b, a) in rel):",
+        "seg_of[b] == seg_of[a] and (a, b) in rel:",
+        (CHAINS, ENGINE),
+        "_decompose joins indices into one component only along a -> b of the relation: an "
+        "index related to an earlier-named one as b <= a (AHLA's j <= i) becomes an "
+        "independent sum"),
+    # ------------------------------------------------------------------ engine: combine ⊕
+    Mutant(
+        "combine-rho-squared", "engine-combine", SUMMARIES,
+        'rho = GAMMA if one_token else RHO["B"]',
+        'rho = GAMMA if one_token else RHO["B"] ** 2',
+        (ENGINE,),
+        "wrong ρ power in ⊕: segment A's summaries are decayed by ρ_B^(2c) instead of ρ_B^c"),
+    Mutant(
+        "combine-strict-end-in-any-segment", "engine-combine", SUMMARIES,
+        "if g == last and g == token_seg:",
+        "if g == last:",
+        (ENGINE,),
+        "_admissible: an index with x < end may not lie in segment B at all (only the single "
+        "last token should be excluded): ⊕ of patterns with strict end relations drops terms"),
+    Mutant(
+        "combine-keeps-A-end-relations", "engine-combine", SUMMARIES,
+        'seq = _decompose(s, seg_of, {b_seg}, namer, "T" if one_token else None)',
+        'seq = _decompose(s, seg_of, {"A", b_seg}, namer, "T" if one_token else None)',
+        (ENGINE,),
+        "split keeps the end relations (x < end) for the components in segment A too, as if "
+        "A ended where AB ends"),
+    # ------------------------------------------------------------------ engine: proofs
+    Mutant(
+        "compare-ignores-decay", "engine-proofs", WEIGHTS,
+        "fkey = tuple(sorted(form.items()))",
+        "fkey = ()",
+        (ENGINE,),
+        "weights.compare merges all decay exponents: identities that differ only in a γ power "
+        "'hold'"),
+    Mutant(
+        "compare-never-records-mismatch", "engine-proofs", WEIGHTS,
+        "if bad and mismatch is None:",
+        "if bad and mismatch is not None:",
+        (ENGINE,),
+        "weights.compare never records a mismatch: every order-type proof 'holds'"),
+    Mutant(
+        "holds-strict-as-weak", "engine-proofs", WEIGHTS,
+        'return c <= 0 if op == "<=" else (c < 0 if op == "<" else c == 0)',
+        'return c <= 0 if op in ("<=", "<") else c == 0',
+        (ENGINE,),
+        "order-type proofs read a strict relation a < b as a <= b"),
+    Mutant(
+        "associativity-self-compare", "engine-proofs", ALGEBRA,
+        "diff = sympy.expand(lhs - right.read(name, zs))",
+        "diff = sympy.expand(lhs - left.read(name, zs))",
+        (ENGINE,),
+        "the associativity proof compares (A⊕B)⊕C with itself: any ⊕ is 'associative'"),
+    Mutant(
+        "joined-segment-rho", "engine-proofs", ALGEBRA,
+        "return Segment(read, sympy.expand(left.rho * right.rho))",
+        "return Segment(read, sympy.expand(right.rho))",
+        (ENGINE,),
+        "a joined segment's ρ forgets the left segment's length (ρ_AB = ρ_B): the "
+        "associativity and exact checks evaluate ⊕ with the wrong decay"),
+    # ------------------------------------------------------------------ codegen
+    Mutant(
+        "codegen-drops-coefficient", "codegen", CODEGEN,
+        "            parts.append(_coef(c) + code)",
+        "            parts.append(code)",
+        (ENGINE,),
+        "generated code drops the γ / ρ coefficient of every matrix term (plain products)"),
+    Mutant(
+        "codegen-spec-relations-reversed", "codegen", CODEGEN,
+        "rels.append((END if a == END else order[a], op, END if b == END else order[b]))",
+        "rels.append((END if b == END else order[b], op, END if a == END else order[a]))",
+        (ENGINE,),
+        "generated index-pattern specs (quadratic form, local chunk sums) hold every order "
+        "relation reversed"),
+    # ------------------------------------------------------------------ runtime (references)
+    Mutant(
+        "runtime-chunk-local-decay", "runtime", RUNTIME,
+        "rho = np.array([g ** (j + 1) for j in range(n)]",
+        "rho = np.array([g ** j for j in range(n)]",
+        (REFS,), scope="def _chunked(",
+        description="chunked reference: the carry reaches row j of a chunk decayed by γ^j instead of γ^(j+1)"),
+    Mutant(
+        "runtime-chunk-carry-decay", "runtime", RUNTIME,
+        'new_carry.update(part["combine"](carry, total, g ** n))',
+        'new_carry.update(part["combine"](carry, total, g ** (n - 1)))',
+        (REFS,),
+        "chunked reference: the carry crosses a chunk of n tokens decayed by γ^(n-1)"),
+    Mutant(
+        "runtime-causal-mask-strict", "runtime", RUNTIME,
+        "mask &= np.broadcast_to(axis(j) <= tt, shape)",
+        "mask &= np.broadcast_to(axis(j) < tt, shape)",
+        (REFS,),
+        "index-pattern sums (quadratic form, chunk-local summaries) exclude the current token"),
+    Mutant(
+        "runtime-decay-off-by-one", "runtime", RUNTIME,
+        "expo = expo + be.scalar(c) * (tt - axis(j))",
+        "expo = expo + be.scalar(c) * (tt - axis(j) + 1)",
+        (REFS,),
+        "index-pattern sums decay every term by one extra γ^c"),
+    Mutant(
+        "runtime-eps-dropped", "runtime", RUNTIME,
+        "return o_num / (o_den + be.scalar(eps))",
+        "return o_num / o_den",
+        (ENGINE, REFS),
+        "normalized references divide by the denominator without + eps"),
+    Mutant(
+        "runtime-eps-twice", "runtime", RUNTIME,
+        "return o_num / (o_den + be.scalar(eps))",
+        "return o_num / (o_den + 2 * be.scalar(eps))",
+        (ENGINE, REFS),
+        "normalized references add eps twice"),
+    Mutant(
+        "runtime-initial-state-ignored", "runtime", RUNTIME,
+        "return {n: be.array(a) for n, a in st.items()}",
+        "return {n: be.zeros(s) for n, s in shapes.items()}",
+        (REFS, ENGINE),
+        "references validate initial_state and then start from zero anyway"),
+    # ------------------------------------------------------------------ validation
+    Mutant(
+        "reference-accepts-gamma-zero", "validation", "hla_core/validation.py",
+        "if not math.isfinite(g) or not (0.0 < g <= 1.0):",
+        "if not math.isfinite(g) or not (0.0 <= g <= 1.0):",
+        (VALID,),
+        "the reference API accepts gamma = 0"),
+    Mutant(
+        "kernel-accepts-gamma-zero", "kernel-validation", COMMON,
+        "bool((g <= 0).any())",
+        "bool((g < 0).any())",
+        (K2,), k="bad_inputs",
+        description="the kernels accept gamma = 0"),
+    Mutant(
+        "kernel-noncontiguous-inputs", "kernel-validation", COMMON,
+        "q=q.contiguous(), k=k.contiguous(), v=v.contiguous()",
+        "q=q, k=k, v=v",
+        (K2, K3), k="contig or strided or bad_inputs",
+        description="the kernels index q, k, v as if contiguous without making them so: "
+                    "a transposed or sliced input gives wrong outputs"),
+    Mutant(
+        "kernel-eps-ignored", "kernel-normalization", GLA,
+        "eps=torch.full((1,), float(eps), dtype=sdt, device=dev) if divide else dummy",
+        "eps=torch.full((1,), 1e-6, dtype=sdt, device=dev) if divide else dummy",
+        (K2,), k="eps or (float64 and chunk)",
+        description="the normalized kernels ignore the eps argument (always 1e-6)"),
+    # ------------------------------------------------------------------ error model
+    Mutant(
+        "error-model-m-halved", "error-model", ERRMODEL,
+        "M_OPERAND = 6\nM_OPERAND_HLA3",
+        "M_OPERAND = 3\nM_OPERAND_HLA3",
+        (K2,), k="low_precision and bfloat16 and chunk",
+        description="the second-order operand rounding count m is halved (6 -> 3): the bound "
+                    "no longer covers the counted roundings"),
+    Mutant(
+        "error-model-operand-roundoff-fp32", "error-model", ERRMODEL,
+        "u_op = OPERAND_ROUNDOFF[name]",
+        'u_op = OPERAND_ROUNDOFF["float32"]',
+        (K2,), k="low_precision and bfloat16 and hla2_chunk",
+        description="the operand roundoff is fp32's for every dtype: the bf16 bound is far "
+                    "too tight"),
+    Mutant(
+        "error-model-accumulator-bf16", "error-model", ERRMODEL,
+        'u_acc = UNIT_ROUNDOFF["float64"] if name == "float64" else UNIT_ROUNDOFF["float32"]',
+        'u_acc = UNIT_ROUNDOFF["float64"] if name == "float64" else UNIT_ROUNDOFF["bfloat16"]',
+        (K2, K3), k="low_precision and float32 and chunk",
+        scope="def beta(",
+        description="beta counts the fp32 accumulator as bf16: the fp32 bound is ~65000x too "
+                    "loose, so real fp32 kernel errors would pass"),
+    # ------------------------------------------------------------------ kernels: masks, decays
+    Mutant(
+        "kernel-intra-chunk-mask-strict", "kernel-mask", GLA,
+        "Dm = tl.where(c2 <= r2,",
+        "Dm = tl.where(c2 < r2,",
+        (K2, K3), k="float64 and chunk",
+        description="chunk kernel: the intra-chunk causal mask j < r drops the diagonal j = r"),
+    Mutant(
+        "kernel-carry-readout-decay", "kernel-decay", GLA,
+        "b = _decay(lg, pw, oc + 1, TABLE)",
+        "b = _decay(lg, pw, oc, TABLE)",
+        (K2, K3), k="float64 and chunk",
+        description="chunk kernel: row r reads the chunk-start carry decayed by g^r instead "
+                    "of g^(r+1)"),
+    Mutant(
+        "kernel-chunk-key-decay", "kernel-decay", GLA,
+        "gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)",
+        "gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - oc, 0), TABLE), 0)",
+        (K2, K3), k="float64 and chunk", scope=CHUNK_KERNEL,
+        description="chunk kernel: the carry update decays key j by g^(Lc-j) instead of "
+                    "g^(Lc-1-j)"),
+    Mutant(
+        "kernel-recurrent-token-decayed", "kernel-decay", GLA,
+        "X = g * X + kt[:, None] * vt[None, :]",
+        "X = g * (X + kt[:, None] * vt[None, :])",
+        (K2,), k="float64 and hla2_recurrent",
+        description="recurrent kernel: the new token's term is decayed along with the state"),
+    Mutant(
+        "kernel-recurrent-decay-power", "kernel-decay", GLA,
+        "self._decays[power] = (g64 ** power).to(device=dev, dtype=sdt)",
+        "self._decays[power] = g64.to(device=dev, dtype=sdt)",
+        (K2,), k="float64 and hla2_recurrent",
+        description="recurrent chains ignore the stage's decay power (HLA2's second stage "
+                    "decays by g instead of g^2)"),
+    Mutant(
+        "kernel-table-ignores-power", "kernel-decay", GLA,
+        "(g64[:, None] ** (power * n)[None, :])",
+        "(g64[:, None] ** n[None, :])",
+        (K2,), k="float64 and hla2_chunk",
+        description="float64 chunk kernels: the exact g^n table ignores the stage's power"),
+    Mutant(
+        "kernel-log2g-ignores-power", "kernel-decay", GLA,
+        "log2g = (torch.log2(g64) * power).to(device=dev, dtype=sdt)",
+        "log2g = torch.log2(g64).to(device=dev, dtype=sdt)",
+        (K2,), k="low_precision and float32 and hla2_chunk",
+        description="fp32 chunk kernels: log2 g ignores the stage's power (HLA2's second "
+                    "stage decays by g instead of g^2)"),
+    # ------------------------------------------------------------------ kernels: carry
+    Mutant(
+        "kernel-carry-not-decayed", "kernel-carry", GLA,
+        "X = gC * X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)",
+        "X = X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)",
+        (K2, K3), k="float64 and chunk", scope=CHUNK_KERNEL,
+        description="chunk kernel: the carry is not decayed across a chunk boundary"),
+    Mutant(
+        "hla3-bf16-drops-carry", "kernel-carry", GLA,
+        "ob = b[:, None] * tl.dot(qd, X.to(DOT), input_precision=PREC, out_dtype=ACC)",
+        "ob = b[:, None] * tl.dot(qd, (X * TABLE).to(DOT), input_precision=PREC, out_dtype=ACC)",
+        (K3,), k="low_precision and bfloat16 and chunk",
+        description="hla3 drops the carry at a chunk boundary: the fp32-accumulating chunk "
+                    "kernel (bf16 inputs) leaves out q_rᵀ X0, asked of the hla3 bf16 tests "
+                    "(issue 9: T=68, d=5, dv=7 passed 55% wrong)"),
+    # ------------------------------------------------------------------ kernels: segments
+    Mutant(
+        "kernel-initial-state-segment-0-only", "kernel-initial-state", GLA,
+        "    if HAS_INIT:\n",
+        "    if HAS_INIT and s == 0:\n",
+        (K2, K3), k="float64 and chunk", scope=CHUNK_KERNEL,
+        description="the initial state is loaded only in segment 0: later segments fold "
+                    "the earlier summaries onto a zero carry"),
+    Mutant(
+        "kernel-segment-fold-decay", "kernel-segments", GLA,
+        "gS = tl.exp2(lg * SEG)",
+        "gS = tl.exp2(lg * (SEG - 1))",
+        (K2, K3), k="float64 and chunk",
+        description="segment fold: the carry crosses a segment decayed by g^(SEG-1)"),
+    Mutant(
+        "kernel-segment-fold-drops-last", "kernel-segments", GLA,
+        "for sp in range(0, tl.minimum(s, NSUM)):",
+        "for sp in range(0, tl.minimum(s, NSUM) - 1):",
+        (K2, K3), k="float64 and chunk",
+        description="segment fold skips the summary of the segment just before"),
+    Mutant(
+        "kernel-summary-not-decayed", "kernel-segments", GLA,
+        "X = gC * X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)",
+        "X = X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)",
+        (K2, K3), k="float64 and chunk", scope=SUMMARY_KERNEL,
+        description="segment summary kernel: the summary is not decayed across its chunks"),
+    # ------------------------------------------------------------------ kernels: varlen, state
+    Mutant(
+        "kernel-varlen-offset-ignored", "kernel-varlen", GLA,
+        "bos = tl.load(cu + n).to(tl.int64)",
+        "bos = (tl.load(cu + n) * 0).to(tl.int64)",
+        (K2, K3), k="float64 and chunk",
+        description="varlen: every packed sequence is read from row 0 (cu_seqlens offset lost)"),
+    Mutant(
+        "kernel-final-state-first-segment", "kernel-handoff", GLA,
+        "if (start < L) & (stop == L):  # the sequence's last segment",
+        "if start == 0:  # the sequence's last segment",
+        (K2, K3), k="float64 and chunk",
+        description="chunk kernel: the final state is stored by the first segment, not the last"),
+    Mutant(
+        "kernel-partial-chunk-decay", "kernel-handoff", GLA,
+        "gC = _decay(lg, pw, Lc, TABLE)",
+        "gC = _decay(lg, pw, C, TABLE)",
+        (K2, K3), k="float64 and chunk", scope=CHUNK_KERNEL,
+        description="chunk kernel: a partial last chunk decays the carry by g^C instead of "
+                    "g^Lc (only the final state, i.e. the hand-off, is wrong)"),
+    Mutant(
+        "kernel-state-cast-fp32", "kernel-initial-state", COMMON,
+        "out[name] = x.to(sdtype).contiguous()",
+        "out[name] = x.to(torch.float32).contiguous()",
+        (K2, K3), k="float64 and chunk",
+        description="an initial state is cast to fp32 even for float64 kernels"),
+    Mutant(
+        "kernel-recurrent-side-init-ignored", "kernel-initial-state", GLA,
+        "X1 = tl.load(x1_0 + sbase * D + ok, mask=mk, other=0).to(ACC)",
+        "X1 = tl.zeros((BK,), dtype=ACC)",
+        (K2,), k="float64 and recurrent", scope=RECURRENT_KERNEL,
+        description="recurrent kernel: the normalized side carry of an initial state is "
+                    "ignored"),
+    Mutant(
+        "kernel-value-block-offset", "kernel-blocks", GLA,
+        "ov = iv * BV + tl.arange(0, BV)",
+        "ov = tl.arange(0, BV)",
+        (K2, K3), k="float64 and chunk", scope=CHUNK_KERNEL,
+        description="chunk kernel: every value block reads and writes value columns 0..BV-1 "
+                    "(wrong as soon as dv needs several blocks)"),
+    # ------------------------------------------------------------------ kernels: normalization
+    Mutant(
+        "kernel-eps-dropped", "kernel-normalization", GLA,
+        "ob = ob / (ob1 + tl.load(eps))[:, None]",
+        "ob = ob / ob1[:, None]",
+        (K2, K3), k="float64 and chunk",
+        description="chunk kernel: the normalized output divides without + eps"),
+    Mutant(
+        "kernel-eps-twice-recurrent", "kernel-normalization", GLA,
+        "ot = ot / (ot1 + tl.load(eps))",
+        "ot = ot / (ot1 + 2 * tl.load(eps))",
+        (K2,), k="float64 and recurrent",
+        description="recurrent kernel: eps added twice to the denominator"),
+    Mutant(
+        "normalized-output-10pct-large", "kernel-normalization", GLA,
+        "ob = ob / (ob1 + tl.load(eps))[:, None]",
+        "ob = 1.1 * ob / (ob1 + tl.load(eps))[:, None]",
+        (K2,), k="low_precision and bfloat16 and ahla_chunk",
+        description="normalized output 10% too large, asked of the ahla bf16 tests (issue 9: "
+                    "passed 15 of 23 examples)"),
+    Mutant(
+        "kernel-side-value-ignored", "kernel-normalization", GLA,
+        "X1 = gC * X1 + tl.sum(kb.to(ACC) * (gk * w1)[:, None], 0)",
+        "X1 = gC * X1 + tl.sum(kb.to(ACC) * gk[:, None], 0)",
+        (K2, K3), k="float64 and chunk", scope=CHUNK_KERNEL,
+        description="chunk kernel: the side carry ignores the side value (v1 = 1 assumed in "
+                    "the carry of every stage, wrong for AHLA's and HLA3's last stage)"),
+    # ------------------------------------------------------------------ kernels: chains
+    Mutant(
+        "chain-hla2-power", "kernel-chain", "kernels/hla2.py",
+        'Stage("KK_QV", key="KK", value="v", power=2, side="KK_Q1")',
+        'Stage("KK_QV", key="KK", value="v", power=1, side="KK_Q1")',
+        (CHAINS,),
+        "HLA2's chain decays its output carry by g instead of g^2"),
+    Mutant(
+        "chain-ahla-value", "kernel-chain", "kernels/ahla.py",
+        'Stage("KQ_KV", key="k", value="KV", power=1, side="KQ_K1")',
+        'Stage("KQ_KV", key="k", value="v", power=1, side="KQ_K1")',
+        (CHAINS,),
+        "AHLA's second stage reads the token's v instead of the first stage's output"),
+    Mutant(
+        "chain-hla3-power", "kernel-chain", "kernels/hla3.py",
+        'Stage("KK_QQ_KV", key="KK", value="KV", power=3, side="KK_QQ_K1")',
+        'Stage("KK_QQ_KV", key="KK", value="KV", power=2, side="KK_QQ_K1")',
+        (CHAINS,),
+        "HLA3's chain decays its output carry by g^2 instead of g^3"),
+]
+
+# --------------------------------------------------------------------------------------
+# ENGINE DEFECTS OF ISSUE 9 (engine-translation and the other Pattern-front-end defects:
+# the Pattern -> top-summary translation doubling a decay, index names colliding with
+# internal names, fractional decays, decay strings evaluated as Python, the order of the
+# dot factors). Maintained by the engine work (derivations/pattern.py,
+# summaries.pattern_summary, proofs.py, codegen.py): add them here as Mutant(...) entries
+# with area "engine-translation" (or the matching engine area).
+ENGINE_DEFECTS: list[Mutant] = [
+]
+# --------------------------------------------------------------------------------------
+
+CATALOGUE += ENGINE_DEFECTS
+
+
+def _check_ids():
+    seen = set()
+    for m in CATALOGUE:
+        if m.id in seen:
+            raise ValueError(f"duplicate mutant id {m.id!r}")
+        seen.add(m.id)
+
+
+_check_ids()
