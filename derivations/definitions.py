@@ -12,6 +12,7 @@ T (order types) and checks it exactly on small rational inputs.
 from __future__ import annotations
 
 import ast
+import itertools
 import random
 import time
 from fractions import Fraction
@@ -66,6 +67,60 @@ class Matrix:
         expr = " * ".join(dots + ["v_j"])
         return Pattern(expr, where=", ".join(cons), decay="")
 
+    # decay -----------------------------------------------------------------
+    def _leaves(self, node, r, c, fresh, out):
+        """The W and L leaves in the order `_entry` meets them, each with the row and
+        column of its own entry (a transposed W reads W[c, r])."""
+        if isinstance(node, ast.Name):
+            out.append((node.id, r, c))
+        elif isinstance(node, ast.Attribute):
+            self._leaves(node.value, c, r, fresh, out)
+        elif isinstance(node.op, ast.MatMult):
+            u = fresh()
+            self._leaves(node.left, r, u, fresh, out)
+            self._leaves(node.right, u, c, fresh, out)
+        else:
+            self._leaves(node.left, r, c, fresh, out)
+            self._leaves(node.right, r, c, fresh, out)
+        return out
+
+    def decayed(self, pattern: Pattern) -> "DecayedMatrix | None":
+        """The decay of `pattern` as entrywise powers of Γ = (γ^{t−x}) on the leaves:
+        W → Γ^a ⊙ W, L → Γ^a ⊙ L with integer a ≥ 0, the smallest total power whose
+        exponent Σ a (row − column) equals the pattern's Σ c_x (t − x) (its indices matched
+        to this expansion's slot by slot); None if no such powers exist."""
+        names = iter("iuwxyzabcdefghmnprs")
+        leaves = self._leaves(self.tree.left, "t", "j", lambda: next(names), [])
+        mine = self.pattern()
+        if [s.factor for s in mine.slots] != [s.factor for s in pattern.slots]:
+            return None
+        ren = {}
+        for a, b in zip(pattern.slots, mine.slots):
+            if ren.setdefault(a.var, b.var) != b.var:
+                return None
+        want = {ren[x]: c for x, c in pattern.decay_coeffs if c}
+        if any(c.denominator != 1 for c in want.values()):
+            return None
+        target = {x: -c for x, c in want.items()}
+        target["t"] = sum(want.values())
+        top = int(sum(want.values()))
+        best = None
+        for powers in itertools.product(range(top + 1), repeat=len(leaves)):
+            if best is not None and sum(powers) >= sum(best):
+                continue
+            form: dict = {}
+            for a, (_, r, c) in zip(powers, leaves):
+                if a:
+                    form[r] = form.get(r, 0) + a
+                    form[c] = form.get(c, 0) - a
+            if {k: v for k, v in form.items() if v} == {k: v for k, v in target.items() if v}:
+                best = powers
+        if best is None:
+            return None
+        decay = " + ".join(f"{a}*({r}-{c})" for a, (_, r, c) in zip(best, leaves) if a)
+        return DecayedMatrix(self, best, Pattern(mine.expr, where=mine.where, decay=decay))
+
+
     # numbers --------------------------------------------------------------
     def numeric(self, q, k, v, gamma=1):
         T = q.shape[0]
@@ -87,6 +142,36 @@ class Matrix:
     @property
     def has_decay(self) -> bool:
         return False
+
+
+class DecayedMatrix:
+    """A Matrix whose leaves carry entrywise powers of Γ (see Matrix.decayed)."""
+
+    def __init__(self, matrix: Matrix, powers: tuple, pattern: Pattern):
+        self.matrix, self.powers, self.expanded = matrix, powers, pattern
+
+    def tex(self) -> str:
+        """The matrix form in TeX, Γ^a ⊙ X for a leaf X with power a."""
+        powers = iter(self.powers)
+
+        def walk(node):
+            if isinstance(node, ast.Name):
+                a = next(powers)
+                if not a:
+                    return node.id
+                return f"(\\Gamma{'^{' + str(a) + '}' if a > 1 else ''} \\odot {node.id})"
+            if isinstance(node, ast.Attribute):
+                return walk(node.value) + "^\\top"
+            op = " " if isinstance(node.op, ast.MatMult) else " \\odot "
+            left, right = walk(node.left), walk(node.right)
+            return f"({left}{op}{right})"
+        return walk(self.matrix.tree.left) + " V"
+
+    def __str__(self):
+        return self.tex()
+
+    def psums(self, fresh) -> list[PSum]:
+        return pattern_psums(self.expanded, fresh)
 
 
 class Moments:
@@ -192,4 +277,31 @@ def prove_expansion(d, record: bool = False) -> list:
             out.append(Certificate(
                 f"expansion: pattern = definition {defn}", "order types + exact rationals (T ≤ 4)",
                 r["holds"] and not exact_bad, details, part, decay, time.perf_counter() - t0))
+    if isinstance(defn, Matrix) and d.pattern.has_decay:
+        out += prove_decayed_form(d, record)
+    return out
+
+
+def prove_decayed_form(d, record: bool = False) -> list:
+    """The decayed matrix form (Matrix.decayed) equals the Pattern, decay included, by
+    order types (every T); one certificate per part, or a failed one if no form exists."""
+    from .engine import Certificate
+    form = d.definition.decayed(d.pattern)
+    out = []
+    for part, pat in (("numerator", d.pattern), ("denominator", d.pattern.denominator())):
+        t0 = time.perf_counter()
+        if form is None:
+            out.append(Certificate("decayed matrix form", "none found", False,
+                                   {"failures": ["no per-leaf powers of Γ give the decay"]}, part, True))
+            continue
+        other = form.expanded if part == "numerator" else form.expanded.denominator()
+        fresh = Fresh()
+        r = compare(pattern_psums(pat, fresh), pattern_psums(other, fresh), Context(["p0", "p1"], set(), {"P": 1}),
+                    decay=True, record=record)
+        details = {"order_types": r["order_types"], "mismatch": str(r["mismatch"]) if r["mismatch"] else None,
+                   "scope": "universal", "form": form.tex()}
+        if record:
+            details["argument"] = [WeightCheck("pattern → decayed definition", "prefix", pat, None, [form], r["rows"])]
+        out.append(Certificate(f"expansion, decayed: pattern = {form.tex()}", "order types (weights on index tuples)",
+                               r["holds"], details, part, True, time.perf_counter() - t0))
     return out

@@ -152,6 +152,8 @@ def label_tex(obj, frame: Frame, roles: Roles) -> str:
         return "$" + tex_summary(obj, "t", roles.names(obj)) + "$"
     if isinstance(obj, Pattern):
         return "the Pattern's sum"
+    if hasattr(obj, "tex"):
+        return f"${obj.tex()}$ expanded entrywise"
     return f"`{obj}` expanded entrywise"
 
 
