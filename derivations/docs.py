@@ -511,7 +511,8 @@ def paper_comparison_hla3(d) -> str:
          "at a boundary never leaves two indices of one segment tied across an index of the other, "
          "because both $i$ and $j$ are bounded by the middle index $u$. Its largest summary is "
          "$d \\times d_v$ or $d \\times d$; the paper's $M^{KQP}$ is a $d^3 d_v$ map. The paper's scan "
-         "also composes a different operator: `thm7.1-identity` fails (docs/paper_claims.md), "
+         "also composes a different operator: `thm7.1-identity` fails "
+         "([paper_claims.md](../paper_claims.md#thm7.1-identity), order type by order type), "
          "its $F_t$ keeps every index tuple whose maximum is attained at least twice rather than "
          "the tuples with $i, j \\le u$.", ""]
     return "\n".join(L)

@@ -112,11 +112,17 @@ def _form_display(form: tuple, ot: tuple, names: list[str], frame: Frame) -> dic
     return {s: c for s, c in out.items() if c != 0}
 
 
-def _raw_display(raw: tuple, names: list[str], frame: Frame) -> dict:
+def _raw_display(raw: tuple, names: list[str], frame: Frame, ot: tuple = ()) -> dict:
+    """A form before the order type, over display symbols; an index in a one-token
+    segment is that token (its segment's end)."""
     out: dict = defaultdict(Fraction)
     for sym, c in raw:
         if isinstance(sym, tuple):
-            out[names[sym[1]]] += c
+            k = ot[sym[1]][0] if ot else None
+            if k is not None and frame.ends[k][1]:
+                out[frame.ends[k][0]] += c
+            else:
+                out[names[sym[1]]] += c
         elif sym in frame.raw_points:
             out[frame.raw_points[sym]] += c
         else:
@@ -133,11 +139,11 @@ def _side_weight(contribs, ot, names, frame, decay, order) -> str:
     return " + ".join(parts).replace("+ -", "- ") if parts else "0"
 
 
-def _raw_weight(contribs, names, frame, decay, order) -> str:
+def _raw_weight(contribs, names, frame, decay, order, ot=()) -> str:
     acc: dict = defaultdict(Fraction)
     for c in contribs:
         acc[c.raw] += c.coef
-    parts = [gamma_power(_raw_display(r, names, frame) if decay else {}, order, c)
+    parts = [gamma_power(_raw_display(r, names, frame, ot) if decay else {}, order, c)
              for r, c in acc.items() if c != 0]
     return " + ".join(parts).replace("+ -", "- ") if parts else "0"
 
@@ -181,8 +187,8 @@ METHOD = ("Both sides of every order-type step are sums, over index tuples, of a
           "$\\gamma$, so the two sides agree for every $T$ exactly when they agree on every order type "
           "([proofs.md](proofs.md)). Each step gives the terms of the right side, then the case split: "
           "for each term, which segment holds each index, how many order types it covers, and the "
-          "weight each side assigns, written as the side defines it (before the order type fixes an "
-          "index); then, folded, every order type with the weight the comparison computed on it.")
+          "weight each side assigns, written as the side defines it (an index in a one-token segment "
+          "is that token, the others are left free); then, folded, every order type with the weight the comparison computed on it.")
 
 
 def weight_check_md(wc: WeightCheck, roles: Roles, decay: bool, names: list[str] | None = None,
@@ -214,10 +220,11 @@ def weight_check_md(wc: WeightCheck, roles: Roles, decay: bool, names: list[str]
     for key in order_keys:
         rows = groups[key]
         segs = "$" + _segments_tex(rows[0].order_type, names, frame) + "$"
-        lw = _raw_weight([c for c in rows[0].lhs], names, frame, decay, order) if key[1] else "0"
+        ot0 = rows[0].order_type
+        lw = _raw_weight([c for c in rows[0].lhs], names, frame, decay, order, ot0) if key[1] else "0"
         if key[2]:
             rterms = "; ".join(f"({lab + 1}) " + "$" + _raw_weight([c for c in rows[0].rhs if c.label == lab],
-                                                                    names, frame, decay, order) + "$"
+                                                                    names, frame, decay, order, ot0) + "$"
                                for lab in key[2])
         else:
             rterms = "0"
