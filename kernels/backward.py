@@ -139,7 +139,6 @@ class ChainFunction(torch.autograd.Function):
         with torch.autocast(p["q"].device.type, enabled=False):
             dq, dk, dv, dinit = chain_backward(cfg.chain, ctx.la, p, ctx.st, ctx.out, cfg.normalize, cfg.eps,
                                                do, dict(zip(ctx.fin_names, dfin)), need)
-        ctx.out = ctx.p = ctx.la = ctx.st = None  # free the kept intermediates
         dt = p["k"].dtype
         grads = [None,
                  (dq * cfg.scale).to(dt) if need["q"] and dq is not None else None,

@@ -148,7 +148,7 @@ def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, 
         bc = b
         gX = gC  # decay of the chunk-start carry over the chunk
         if SHIFT:
-            f0 = (cs == 0).to(tl.int32)  # the first chunk: the initial carry is one decay ahead
+            f0 = tl.where(cs == 0, 1, 0)  # the first chunk: the initial carry is one decay ahead
             bc = _decay(lg, pw, oc + 1 - f0, TABLE)
             gX = _decay(lg, pw, Lc - f0, TABLE)
         A = tl.dot(qd, tl.trans(kb.to(DOT)), input_precision=PREC, out_dtype=ACC)       # [r,j]
