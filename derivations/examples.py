@@ -65,7 +65,8 @@ def example_docs(progress=print) -> dict:
         defn = spec if isinstance(spec, Matrix) else None
         with recording():       # the documents print each proof's argument
             if p.has_decay:
-                variants = {"decayed": derive(p, definition=defn), "γ = 1": derive(p.without_decay(), definition=defn)}
+                variants = {"decayed": derive(p, definition=defn),
+                            "γ = 1": derive(p.without_decay(), definition=defn, gradients=False)}
             else:               # no decay: one derivation, not a "decayed" copy of it
                 variants = {"no decay": derive(p, definition=defn)}
         d = next(iter(variants.values()))

@@ -11,7 +11,7 @@ import sympy
 
 from .algebra import SympyAlgebra, evaluate, linear_apply, nc_symbol
 from .gradients import all_gradient_terms, synthesize_term
-from .summaries import OutOfReach, Term
+from .summaries import OutOfReach
 
 D, DV = sympy.symbols("d d_v", positive=True)
 _DIM = {"q": D, "k": D, "v": DV, "1": sympy.Integer(1), "o": sympy.Symbol("d_o", positive=True)}
@@ -48,7 +48,7 @@ def gradient_section(d) -> str:
          "tuple; recurrent: the two scans; chunked: both scans by chunks with ⊕). A suffix update "
          "X[t] = … X[t+1] … adds token t to the state of the tokens after it.", ""]
     for part, pat in (("numerator", d.pattern), ("denominator (v → 1)", d.pattern.denominator())):
-        L += [f"### {part.capitalize()}", ""]
+        L += [f"### Gradient terms of the {part}", ""]
         for wrt, terms in all_gradient_terms(pat).items():
             for n, term in enumerate(terms):
                 L.append(f"**d{wrt}, term {n + 1}** — {term.occurrence}:")
@@ -70,4 +70,4 @@ def gradient_section(d) -> str:
     return "\n".join(L) + "\n"
 
 
-__all__ = ["gradient_section", "Term"]
+__all__ = ["gradient_section"]

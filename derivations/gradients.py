@@ -182,7 +182,7 @@ def prove_derivative(p: Pattern, part: str, decay: bool):
             failures.append(f"d{wrt}: {r['mismatch']}")
     return Certificate("gradient terms = derivative of the loss (every T)",
                        "order types (weights on index tuples)", not failures,
-                       {"checked": checks, "order_types": n_types, "failures": failures},
+                       {"checked": checks, "order_types": n_types, "failures": failures, "scope": "universal"},
                        part, decay, time.perf_counter() - t0)
 
 
@@ -298,7 +298,7 @@ def prove_exact_vjp(d, decay: bool, T_max: int = 3):
     return Certificate(f"exact VJP check, every T ≤ {T_max} (plain and normalized)",
                        "forward-mode derivative (dual numbers) of the brute-force loss vs the generated "
                        "quadratic VJP, exact rationals", not failures,
-                       {"comparisons": compared, "gamma": str(g), "failures": failures[:10]},
+                       {"comparisons": compared, "gamma": str(g), "failures": failures[:10], "scope": "finite"},
                        "gradient", decay,
                        time.perf_counter() - t0)
 
@@ -512,10 +512,10 @@ def prove_streaming_gradients(p: Pattern, part: str, decay: bool) -> list:
                          {"checked": len(readout_checks) + len(update_checks),
                           "out_of_reach": out_of_reach,
                           "order_types": sum(r["order_types"] for _, r in readout_checks + update_checks),
-                          "failures": failures[:10]}, part, decay, time.perf_counter() - t0)]
+                          "failures": failures[:10], "scope": "universal"}, part, decay, time.perf_counter() - t0)]
     for kind, sel in side_certs.items():
         bad = [f"{lbl}: {c.details.get('failures')}" for lbl, c in sel if not c.holds]
         certs.append(Certificate(f"gradient {sel[0][1].identity}" if sel else f"gradient {kind}",
                                  sel[0][1].method if sel else "", not bad,
-                                 {"summaries": len(sel), "failures": bad[:10]}, part, decay))
+                                 {"summaries": len(sel), "failures": bad[:10], "scope": "universal"}, part, decay))
     return certs
