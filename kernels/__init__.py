@@ -1,6 +1,7 @@
-"""Triton forward kernels for Higher-order Linear Attention (fla layout).
+"""Triton kernels for Higher-order Linear Attention (fla layout), forward and backward.
 
-q, k: [B, T, H, d]; v: [B, T, H, dv]; returns (o [B, T, H, dv], state or None).
+q, k: [B, T, H, d]; v: [B, T, H, dv]; returns (o [B, T, H, dv], state or None). Every
+public function is a torch.autograd op (kernels/backward.py).
 """
 from ._common import AHLAState, HLA2State, HLA3State
 from .ahla import chunk_ahla, fused_recurrent_ahla

@@ -1,4 +1,4 @@
-"""AHLA (asymmetric second-order, masked) forward kernels: chunked and recurrent.
+"""AHLA (asymmetric second-order, masked) kernels: chunked and recurrent, forward and backward.
 
     o_t = sum_{1 <= j <= i <= t} g^(t-j) (q_t.k_i)(q_i.k_j) v_j
 
@@ -11,7 +11,8 @@ first-order linear attentions (kernels/gla.py), g^(t-j) = g^(t-i) g^(i-j):
     vt = LA(q, k, v; g)       (carry P; normalized: side value 1, side output vt1, carry p1)
     o  = LA(q, k, vt; g)      (carry E; normalized: side value vt1, carry e1, divide)
 
-The recurrent forms run the same chains with the token-by-token LA kernel.
+The recurrent forms run the same chains with the token-by-token LA kernel. The backward
+(kernels/backward.py) runs each stage's VJP, three LAs, in reverse order.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ CHAIN = (Stage("KV", key="k", value="v", power=1, side="K1"),
 def chunk_ahla(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
                output_final_state=False, cu_seqlens=None, check_finite=True,
                block_v=None, num_warps=None, num_stages=None, segment_chunks=None):
-    """Chunked AHLA forward. Returns (o [B,T,H,dv], AHLAState or None). See chunk_hla2."""
+    """Chunked AHLA. Returns (o [B,T,H,dv], AHLAState or None). See chunk_hla2 (gamma,
+    scale, autograd, autocast)."""
     return chain_apply(CHAIN, AHLAState, "chunk", q, k, v, gamma=gamma, scale=scale, normalize=normalize,
                        eps=eps, chunk_size=chunk_size, initial_state=initial_state,
                        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
@@ -39,7 +41,7 @@ def chunk_ahla(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chu
 def fused_recurrent_ahla(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64,
                          initial_state=None, output_final_state=False, cu_seqlens=None,
                          check_finite=True, block_v=None, num_warps=None, num_stages=None):
-    """Token-by-token AHLA forward (same contract as chunk_ahla; chunk_size is only checked):
+    """Token-by-token AHLA (same contract as chunk_ahla; chunk_size is only checked):
     the same chain with the recurrent LA kernel, element-wise fp32 (fp64) arithmetic."""
     return chain_apply(CHAIN, AHLAState, "recurrent", q, k, v, gamma=gamma, scale=scale, normalize=normalize,
                        eps=eps, chunk_size=chunk_size, initial_state=initial_state,

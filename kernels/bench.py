@@ -1,6 +1,7 @@
 """Benchmark: HLA kernels vs first-order fla, SDPA and a plain-PyTorch chunked HLA2.
 
     python -m kernels.bench [--out DIR] [--quick]
+    python -m kernels.bench --train [--train-shapes '16384,128;4096,64']   (forward+backward)
 
 bf16 inputs, B=4, H=16, T in {4096, 16384}, d = dv in {64, 128}, decay gamma = 0.99
 (every method that takes a decay gets it). first_order_la is the chained building block
@@ -111,9 +112,109 @@ def torch_chunked_hla2(q, k, v, gamma, chunk=C):
     return o.permute(0, 2, 3, 1, 4).reshape(Bq, T, Hq, dv)
 
 
+def train(args):
+    """Forward+backward (training step) rows: time (median of do_bench, grads reset each
+    run), forward-only time (no_grad), and peak GPU memory of one step (inputs and their
+    gradients included; `extra` = peak minus what was allocated before the step).
+    Methods: chunk_hla2 / chunk_ahla / chunk_hla3 (kernels/backward.py), autograd through
+    the plain-torch chunked HLA2 (torch_chunked_hla2), SDPA causal, and with fla importable
+    its chunk_simple_gla with the per-head decay g_gamma (ungated: fla 0.6 refuses the
+    per-token-gate backward on Hopper with Triton < 3.7.1, its issue #640) and without,
+    and HLA2 chained on fla (kt = chunk_simple_gla(q, k, k, g_gamma), o = chunk_simple_gla(q,
+    kt, v, 2 g_gamma))."""
+    import triton
+    import kernels
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as exc:  # noqa: BLE001
+        print(f"[train] fla not importable ({exc!r}); its rows are skipped", flush=True)
+        chunk_simple_gla = None
+    dev = "cuda"
+    name = torch.cuda.get_device_name()
+    print(f"[train] {name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    # bf16 gradients against the float64 kernel gradients on the same inputs (small shape)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2048, 2, 64, device=dev, generator=g, dtype=torch.bfloat16) * 0.125
+                   for _ in range(4))
+    for nm in ("chunk_hla2", "chunk_ahla", "chunk_hla3"):
+        fn = getattr(kernels, nm)
+        res = []
+        for dt in (torch.float64, torch.bfloat16):
+            xs = [x.detach().clone().to(dt).requires_grad_(True) for x in (q, k, v)]
+            o, _ = fn(*xs, gamma=GAMMA)
+            (o * do.to(dt)).sum().backward()
+            res.append([x.grad.double() for x in xs])
+        errs = [((b - a).norm() / a.norm()).item() for a, b in zip(*res)]
+        print(f"[train] check {nm} bf16 grads vs float64 kernel grads (T=2048, d=64): rel err dq {errs[0]:.2e} "
+              f"dk {errs[1]:.2e} dv {errs[2]:.2e}", flush=True)
+    rows = []
+    shapes = [(int(x.split(",")[0]), int(x.split(",")[1])) for x in args.train_shapes.split(";")]
+    for T, d in shapes:
+        gen = torch.Generator(device=dev).manual_seed(T + d)
+        q, k, v, do = (torch.randn(B, T, H, d, device=dev, generator=gen, dtype=torch.bfloat16) * d ** -0.5
+                       for _ in range(4))
+        glog = torch.full((H,), math.log(GAMMA), device=dev, dtype=torch.float32)
+        bhtd = lambda x: x.transpose(1, 2)  # noqa: E731
+        methods = {
+            "chunk_hla2": lambda q, k, v: kernels.chunk_hla2(q, k, v, gamma=GAMMA, check_finite=False)[0],
+            "chunk_ahla": lambda q, k, v: kernels.chunk_ahla(q, k, v, gamma=GAMMA, check_finite=False)[0],
+            "chunk_hla3": lambda q, k, v: kernels.chunk_hla3(q, k, v, gamma=GAMMA, check_finite=False)[0],
+            "torch_chunked_hla2": lambda q, k, v: torch_chunked_hla2(q, k, v, GAMMA),
+            "sdpa_causal": lambda q, k, v: sdpa(bhtd(q), bhtd(k), bhtd(v), is_causal=True),
+        }
+        if chunk_simple_gla is not None:
+            methods["fla_chunk_simple_gla"] = lambda q, k, v: chunk_simple_gla(q, k, v, g_gamma=glog)[0]
+            methods["fla_chunk_simple_gla_nodecay"] = lambda q, k, v: chunk_simple_gla(q, k, v)[0]
+            methods["fla_chained_hla2"] = lambda q, k, v: chunk_simple_gla(
+                q, chunk_simple_gla(q, k, k, g_gamma=glog, scale=1.0)[0], v, g_gamma=2 * glog, scale=1.0)[0]
+        for mname, fn in methods.items():
+            if args.only and mname not in args.only.split(","):
+                continue
+            t0 = time.time()
+            xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            dd = do if mname != "sdpa_causal" else do.transpose(1, 2)
+
+            def step():
+                fn(*xs).backward(dd)
+            try:
+                step()
+                with torch.no_grad():
+                    ms_f = triton.testing.do_bench(lambda: fn(*xs), warmup=25, rep=100, return_mode="median")
+                ms = triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=xs, return_mode="median")
+                for x in xs:
+                    x.grad = None
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated()
+            except Exception as exc:  # noqa: BLE001
+                print(f"[train] T={T} d={d} {mname}: FAILED {exc!r}", flush=True)
+                continue
+            rows.append(dict(T=T, d=d, method=mname, fwd_ms=ms_f, fwdbwd_ms=ms, peak_gib=peak / 2 ** 30,
+                             extra_gib=(peak - base) / 2 ** 30))
+            print(f"[train] T={T:6d} d={d:4d} {mname:28s} fwd {ms_f:8.3f} ms  fwd+bwd {ms:8.3f} ms  "
+                  f"peak {peak / 2 ** 30:6.2f} GiB (step extra {(peak - base) / 2 ** 30:6.2f}) "
+                  f"({time.time() - t0:.1f}s wall)", flush=True)
+            del xs
+            torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_train.json"), "w") as fh:
+        json.dump(dict(gpu=name, torch=torch.__version__, triton=triton.__version__, B=B, H=H, gamma=GAMMA,
+                       rows=rows), fh, indent=1)
+    print("\n| T, d | method | forward | forward+backward | peak memory (step extra) |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['T'] // 1024}K, {r['d']} | {r['method']} | {r['fwd_ms']:.2f} ms | {r['fwdbwd_ms']:.2f} ms | "
+              f"{r['peak_gib']:.2f} GiB ({r['extra_gib']:.2f}) |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs")
+    ap.add_argument("--train", action="store_true", help="forward+backward rows (time, peak memory) instead")
+    ap.add_argument("--train-shapes", default="16384,128", help="'T,d;T,d' for --train")
     ap.add_argument("--quick", action="store_true", help="only (4096, 64)")
     ap.add_argument("--block-v", type=int, default=None)
     ap.add_argument("--num-warps", type=int, default=None)
@@ -122,6 +223,8 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
     ap.add_argument("--table", default=None, metavar="JSON", help="only print the table of a saved bench.json")
     args = ap.parse_args(argv)
+    if args.train:
+        return train(args)
     if args.table:
         with open(args.table) as fh:
             print_table(json.load(fh)["rows"])

@@ -1,4 +1,4 @@
-"""HLA3 (symmetric third-order, masked) forward kernels: chunked and recurrent.
+"""HLA3 (symmetric third-order, masked) kernels: chunked and recurrent, forward and backward.
 
     o_t = sum_{i <= u, j <= u, u <= t} g^((t-i)+(t-u)+(t-j)) (q_t.k_i)(k_i.q_u)(q_u.k_j) v_j
 
@@ -14,7 +14,8 @@ linear attentions (kernels/gla.py), g^((t-i)+(t-u)+(t-j)) = g^(3(t-u)) g^(u-i) g
     vt = LA(q, k, v; g)         (carry P; normalized: side value 1, side output vt1, carry P1)
     o  = LA(q, kt, vt; g^3)     (carry X; normalized: side value vt1, carry X1, divide)
 
-The recurrent forms run the same chains with the token-by-token LA kernel.
+The recurrent forms run the same chains with the token-by-token LA kernel. The backward
+(kernels/backward.py) runs each stage's VJP, three LAs, in reverse order.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ CHAIN = (Stage("KK", key="k", value="k", power=1),
 def chunk_hla3(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
                output_final_state=False, cu_seqlens=None, check_finite=True,
                block_v=None, num_warps=None, num_stages=None, segment_chunks=None):
-    """Chunked HLA3 forward. Returns (o [B,T,H,dv], HLA3State or None).
+    """Chunked HLA3. Returns (o [B,T,H,dv], HLA3State or None).
 
-    Same contract as kernels.chunk_hla2: gamma None / float in (0, 1] / tensor [H];
+    Same contract as kernels.chunk_hla2 (scale, autograd, autocast): gamma None / float in (0, 1] / tensor [H];
     initial_state an HLA3State (also one from fused_recurrent_hla3 or built from
     hla_core.evaluate("hla3", ..., return_state=True)); cu_seqlens packs sequences (B = 1).
     """
@@ -48,7 +49,7 @@ def chunk_hla3(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chu
 def fused_recurrent_hla3(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64,
                          initial_state=None, output_final_state=False, cu_seqlens=None,
                          check_finite=True, block_v=None, num_warps=None, num_stages=None):
-    """Token-by-token HLA3 forward (same contract as chunk_hla3; chunk_size is only checked):
+    """Token-by-token HLA3 (same contract as chunk_hla3; chunk_size is only checked):
     the same chain with the recurrent LA kernel, element-wise fp32 (fp64) arithmetic."""
     return chain_apply(CHAIN, HLA3State, "recurrent", q, k, v, gamma=gamma, scale=scale, normalize=normalize,
                        eps=eps, chunk_size=chunk_size, initial_state=initial_state,

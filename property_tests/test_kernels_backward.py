@@ -177,6 +177,10 @@ def _backward_matches_engine(op, ones, rules=None):
     return True
 
 
+SYMBOLIC = pytest.mark.skipif(ON_GPU, reason="symbolic, device-independent: runs in the CPU suite")
+
+
+@SYMBOLIC
 @pytest.mark.parametrize("ones", [False, True], ids=["numerator", "v->1"])
 @pytest.mark.parametrize("op", OPS)
 def test_chain_backward_is_the_derived_gradient(op, ones):
@@ -195,6 +199,7 @@ def _wrong_rules():
             "dk with value a for q": (r1, r2._replace(value="a"), r3)}
 
 
+@SYMBOLIC
 @pytest.mark.parametrize("name", list(_wrong_rules()))
 def test_a_wrong_backward_rule_is_rejected(name):
     assert not _backward_matches_engine("hla2", False, _wrong_rules()[name])
@@ -222,8 +227,11 @@ def _check_vs_vjp(op, mode, B, T, H, d, dv, gammas, normalize, cu=None, chunk_si
         for lo, hi in _segments(T, cu):
             for h in range(H):
                 sl = (b, slice(lo, hi), h)
-                ref = hla_core.vjp(op, *(x[sl].detach().cpu().numpy() for x in (q, k, v, do)), form=form,
-                                   gamma=gammas[h], normalize=normalize, chunk_size=chunk_size)
+                if form == "autograd":  # larger drawn shapes (GPU): the streamed VJP's d^4 states are slow
+                    ref = _autograd_ref(op, *(x[sl].detach().cpu() for x in (q, k, v, do)), gammas[h], normalize)
+                else:
+                    ref = hla_core.vjp(op, *(x[sl].detach().cpu().numpy() for x in (q, k, v, do)), form=form,
+                                       gamma=gammas[h], normalize=normalize, chunk_size=chunk_size)
                 for name, x, r in zip("qkv", (q, k, v), ref):
                     e = _rel(x.grad[sl].cpu().numpy(), r)
                     worst = max(worst, e)
@@ -263,8 +271,8 @@ def examples(ci: int, gpu: int = 10):
     return settings(max_examples=max(1, round(ci * settings.default.max_examples / 25)))
 
 
-MAX_T = 200 if ON_GPU else 40
-MAX_D = 48 if ON_GPU else 8
+MAX_T = 160 if ON_GPU else 40
+MAX_D = 40 if ON_GPU else 8
 
 
 @pytest.mark.skipif(PROFILE == "ci", reason="drawn shapes: thorough and gpu profiles")
@@ -273,7 +281,7 @@ MAX_D = 48 if ON_GPU else 8
 @examples(ci=2)
 @given(data=st.data())
 def test_float64_grads_drawn_shapes(op, mode, data):
-    T = data.draw(st.integers(1, MAX_T if mode == "chunk" else min(MAX_T, 24)), label="T")
+    T = data.draw(st.integers(1, MAX_T if mode == "chunk" or ON_GPU else 24), label="T")
     d = data.draw(st.integers(1, MAX_D), label="d")
     dv = data.draw(st.integers(1, MAX_D), label="dv")
     H = data.draw(st.integers(1, 3), label="H")
@@ -283,7 +291,8 @@ def test_float64_grads_drawn_shapes(op, mode, data):
     cut = data.draw(st.integers(0, T - 1), label="cut") if T > 1 else 0
     cu = [0, cut, T] if cut else None
     seg = data.draw(st.sampled_from([None, 1, 2]), label="segment_chunks") if mode == "chunk" else None
-    note(f"worst {_check_vs_vjp(op, mode, 1 if cu else 2, T, H, d, dv, gammas, normalize, cu, cs, segment_chunks=seg)}")
+    form = "quadratic" if T <= 20 and max(d, dv) <= 8 else "autograd"
+    note(f"worst {_check_vs_vjp(op, mode, 1 if cu else 2, T, H, d, dv, gammas, normalize, cu, cs, segment_chunks=seg, form=form)}")
 
 
 # ---------------------------------------------------------------------------
@@ -315,6 +324,14 @@ def torch_recurrence(op, q, k, v, g, normalize, eps, init):
     if normalize:
         o = o / (torch.stack(outs[1]) + eps)
     return o, state
+
+
+def _autograd_ref(op, q, k, v, do, gamma, normalize):
+    """(dq, dk, dv) of one head by float64 autograd through torch_recurrence."""
+    q, k, v = (x.double().requires_grad_(True) for x in (q, k, v))
+    o, _ = torch_recurrence(op, q, k, v, gamma, normalize, 1e-6, None)
+    (o * do.double()).sum().backward()
+    return [x.grad.numpy() for x in (q, k, v)]
 
 
 def _random_state(op, N, H, d, dv, normalize, positive, seed):
