@@ -179,6 +179,11 @@ CLAIMS = [
      "S_t = γS_{t−1}+k_tk_tᵀ, C_t = γC_{t−1}+q_tv_tᵀ, m_t = γm_{t−1}+q_t, G_t = γG_{t−1}+k_t(k_tᵀC_{t−1}), "
      "h_t = γh_{t−1}+k_t(k_tᵀm_{t−1})",
      "scan", None, dict(combine=MASKED_DECAYED, serial=HLA2_DECAYED, names=["S", "C", "m", "G", "h"])),
+    ("sec4.2-backward", "Section 4.2, Backward for gradients",
+     "a reverse (decayed) scan applying the vector-Jacobian adjoint ⊕*γ of the decayed masked ⊕γ, with "
+     "checkpointing at tile boundaries, yields the gradients of the serial recurrence of Section 4.3, "
+     "by Theorem 4.1 and the chain rule",
+     "backward", None, dict(combine=MASKED_DECAYED, serial=HLA2_DECAYED, names=["S", "C", "m", "G", "h"])),
     ("sec4.3-decay-masked-operator", "Section 4.3 with Eq. (3.3)",
      "with the decayed recurrences of Section 4.3, q_tᵀ(S_t C_t − G_t) (and q_tᵀ(S_t m_t − h_t)) equals the "
      "decayed masked HLA2 Σ_{i≤j≤t} γ^{(t−i)+(t−j)} (q_t·k_i)(k_i·q_j) v_j",
@@ -276,6 +281,31 @@ def _scan_search(cb: Combine, serial: System, names):
     return check
 
 
+def _backward_search(cb: Combine, serial: System, names):
+    """A state whose derivative with respect to one input entry differs between a
+    bracketing of the scan and the serial recurrence: exact forward mode (dual numbers)."""
+    from .gradients import Dual
+    scan_check = _scan_search(cb, serial, names)
+    deriv = np.vectorize(lambda x: Dual._lift(x).b, otypes=[object])
+
+    def check(q, k, v, gamma):
+        bad = scan_check(q, k, v, gamma)
+        if not bad:
+            return None
+        tree, st = ast.literal_eval(bad["bracketing"]), bad["state"]
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            for t in range(x.shape[0]):
+                for c in range(x.shape[1]):
+                    xs = {"q": q.copy(), "k": k.copy(), "v": v.copy()}
+                    xs[name][t, c] = Dual(x[t, c], 1)
+                    a = deriv(np.asarray(scan_numeric(cb, tree, xs["q"], xs["k"], xs["v"], gamma)[0][st]))
+                    b = deriv(np.asarray(run_serial(serial, xs["q"], xs["k"], xs["v"], gamma)[-1][st]))
+                    if not same(a, b):
+                        return {**bad, "wrt": f"{name}[{t + 1}, {c + 1}]", "d_scan": _fmt(a), "d_serial": _fmt(b)}
+        return None
+    return check
+
+
 def _assoc_search(cb: Combine):
     def check(q, k, v, gamma):
         if q.shape[0] != 3:
@@ -354,9 +384,12 @@ def judge(claim) -> dict:
         method = "noncommutative polynomial identity (SymPy)"
         if not ok:
             cex = search(_assoc_search(pl["combine"]), pl["combine"].decayed, T_range=[3])
-    elif kind in ("scan", "algorithm"):
+    elif kind in ("scan", "algorithm", "backward"):
+        # backward: reverse mode through a computation gives the derivative of the function it
+        # computes (chain rule), so the scan's gradients are the serial recurrence's exactly when
+        # the scan computes the serial recurrence: the scan certificate decides both
         cb = pl["combine"]
-        serial = pl["serial"] if kind == "scan" else pl["lines"]
+        serial = pl["lines"] if kind == "algorithm" else pl["serial"]
         a = prove_associative(cb)
         c = prove_compatible(cb, serial, pl["names"])
         cert = {"associative": a["holds"], "neutral_empty_segment": a["neutral"],
@@ -364,6 +397,8 @@ def judge(claim) -> dict:
                 "residual": {k: str(v) for k, v in {**a["diffs"], **c["diffs"]}.items()}}
         ok = a["holds"] and c["holds"] and a["neutral"]
         method = "NC identities: ⊕ associative, X ⊕ [t] = serial update; induction on T"
+        if kind == "backward":
+            method += "; equal functions have equal gradients (counterexample: exact dual numbers)"
         if kind == "algorithm":
             pat = OPERATORS[op].pattern
             res = prove_system_equals_pattern(serial, pat, pl["decay"])
@@ -373,7 +408,8 @@ def judge(claim) -> dict:
             if not ok:
                 cex = search(_alg_search(cb, serial, pat, pl["names"]), False)
         elif not ok:
-            cex = search(_scan_search(cb, serial, pl["names"]), cb.decayed)
+            find = _backward_search if kind == "backward" else _scan_search
+            cex = search(find(cb, serial, pl["names"]), cb.decayed)
     else:  # pragma: no cover
         raise ValueError(kind)
     if not ok and cex is None:
@@ -425,7 +461,8 @@ HLA3_F = Repair(
     "q_tᵀ F_t is the operator",
     OPERATORS["hla3"].pattern.without_decay(),
     {"@num": "F", "@den": "eta", "KK": "SK", "QQ": "SQ", "KV": "P", "K1": "mK"}, replace=True, operator="hla3")
-REPAIRS = {"sec4.2-decay-masked-assoc": HLA2_G, "thm4.1-decay-scan": HLA2_G, "sec4.3-decay-masked-operator": HLA2_G,
+REPAIRS = {"sec4.2-decay-masked-assoc": HLA2_G, "thm4.1-decay-scan": HLA2_G, "sec4.2-backward": HLA2_G,
+           "sec4.3-decay-masked-operator": HLA2_G,
            "sec6.2-decay-concat": AHLA_E, "thm7.1-identity": HLA3_F, "alg3": HLA3_F, "alg4": HLA3_F}
 
 # The paper's symbols, for the documents.
@@ -628,7 +665,7 @@ def explain(claim, verdict: dict, fixed: RepairResult | None) -> Explanation | N
                 val, _ = scan_numeric(rep["combine"], tree, q, k, v, gamma)
                 rval.append((f"{st} of {_tree_label(tree)}, repaired", _text(val.get(st))))
         return Explanation(inputs, traces, values, residual, "bracketings", reason, rtr, rval)
-    if kind == "scan":
+    if kind in ("scan", "backward"):
         cb, serial = pl["combine"], pl["serial"]
         tree = ast.literal_eval(cex["bracketing"])
         st = cex["state"]
@@ -636,6 +673,12 @@ def explain(claim, verdict: dict, fixed: RepairResult | None) -> Explanation | N
                   (f"{st} of the serial recurrence at t = {T}", _text(_arrays_of(cex["serial"])))]
         residual = ("scan − serial = "
                     f"{_text(np.asarray(_arrays_of(cex['scan'])) - np.asarray(_arrays_of(cex['serial'])))}")
+        if kind == "backward":     # the gradient the claim is about: one entry's derivative
+            w = cex["wrt"]
+            values += [(f"∂{st}/∂{w} through the scan {_tree_label(tree)}", _text(_arrays_of(cex["d_scan"]))),
+                       (f"∂{st}/∂{w} of the serial recurrence", _text(_arrays_of(cex["d_serial"])))]
+            residual += ("; gradient: scan − serial = "
+                         f"{_text(np.asarray(_arrays_of(cex['d_scan'])) - np.asarray(_arrays_of(cex['d_serial'])))}")
         traces = [_scan_trace("the paper's ⊕ on the bracketing", cb, [tree], q, k, v, gamma),
                   _serial_trace("the paper's serial recurrence", serial, q, k, v, gamma, T)]
         a = prove_associative(cb)

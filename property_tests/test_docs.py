@@ -36,7 +36,7 @@ from hla_core.registry import OPERATORS
 CLAIMS_JSON = Path(__file__).resolve().parent.parent / "docs" / "paper_claims.json"
 
 REQUIRED = ["thm3.1-identity", "thm3.1-updates", "sec4.1-monoid", "eq4.1-assoc", "eq4.1-scan",
-            "sec4.2-decay-unmasked", "sec4.2-decay-masked-assoc", "thm4.1-decay-scan",
+            "sec4.2-decay-unmasked", "sec4.2-decay-masked-assoc", "thm4.1-decay-scan", "sec4.2-backward",
             "sec4.3-decay-masked-operator", "alg1", "thm6.1-identity", "thm6.1-updates",
             "sec6.1-decay-updates", "eq6.2-assoc", "eq6.2-scan", "sec6.2-decay-concat", "alg2",
             "thm7.1-identity", "thm7.1-updates", "eq7.5-recurrence", "thm7.2-assoc", "thm7.2-scan",
@@ -95,6 +95,8 @@ def numeric_checks(claim):
         return [(PC._assoc_search(pl["combine"]), pl["combine"].decayed, 3)]
     if kind == "scan":
         return [(PC._scan_search(pl["combine"], pl["serial"], pl["names"]), pl["combine"].decayed, 4)]
+    if kind == "backward":
+        return [(PC._backward_search(pl["combine"], pl["serial"], pl["names"]), pl["combine"].decayed, 4)]
     if kind == "algorithm":
         return [(PC._alg_search(pl["combine"], pl["lines"], OPERATORS[op].pattern, pl["names"]), False, 4)]
     raise AssertionError(f"{cid}: unknown claim kind {kind!r}")
