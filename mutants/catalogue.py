@@ -237,7 +237,7 @@ CATALOGUE: list[Mutant] = [
         "error-model-operand-roundoff-fp32", "error-model", ERRMODEL,
         "u_op = OPERAND_ROUNDOFF[name]",
         'u_op = OPERAND_ROUNDOFF["float32"]',
-        (K2,), k="low_precision and bfloat16 and hla2_chunk",
+        (K2,), k="low_precision and bfloat16 and hla2 and chunk",
         description="the operand roundoff is fp32's for every dtype: the bf16 bound is far "
                     "too tight"),
     Mutant(
@@ -271,41 +271,41 @@ CATALOGUE: list[Mutant] = [
                     "g^(Lc-1-j)"),
     Mutant(
         "kernel-recurrent-token-decayed", "kernel-decay", GLA,
-        "X = g * X + kt[:, None] * vt[None, :]",
-        "X = g * (X + kt[:, None] * vt[None, :])",
-        (K2,), k="float64 and hla2_recurrent",
+        "X = gt * X + kt[:, None] * vt[None, :]",
+        "X = gt * (X + kt[:, None] * vt[None, :])",
+        (K2,), k="float64 and hla2 and recurrent",
         description="recurrent kernel: the new token's term is decayed along with the state"),
     Mutant(
         "kernel-recurrent-decay-power", "kernel-decay", GLA,
         "self._decays[power] = (g64 ** power).to(device=dev, dtype=sdt)",
         "self._decays[power] = g64.to(device=dev, dtype=sdt)",
-        (K2,), k="float64 and hla2_recurrent",
+        (K2,), k="float64 and hla2 and recurrent",
         description="recurrent chains ignore the stage's decay power (HLA2's second stage "
                     "decays by g instead of g^2)"),
     Mutant(
         "kernel-table-ignores-power", "kernel-decay", GLA,
         "(g64[:, None] ** (power * n)[None, :])",
         "(g64[:, None] ** n[None, :])",
-        (K2,), k="float64 and hla2_chunk",
+        (K2,), k="float64 and hla2 and chunk",
         description="float64 chunk kernels: the exact g^n table ignores the stage's power"),
     Mutant(
         "kernel-log2g-ignores-power", "kernel-decay", GLA,
         "log2g = (torch.log2(g64) * power).to(device=dev, dtype=sdt)",
         "log2g = torch.log2(g64).to(device=dev, dtype=sdt)",
-        (K2,), k="low_precision and float32 and hla2_chunk",
+        (K2,), k="low_precision and float32 and hla2 and chunk",
         description="fp32 chunk kernels: log2 g ignores the stage's power (HLA2's second "
                     "stage decays by g instead of g^2)"),
     # ------------------------------------------------------------------ kernels: carry
     Mutant(
         "kernel-carry-not-decayed", "kernel-carry", GLA,
-        "X = gC * X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)",
+        "X = gX * X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)",
         "X = X + tl.dot(tl.trans(kg), vd, input_precision=PREC, out_dtype=ACC)",
         (K2, K3), k="float64 and chunk", scope=CHUNK_KERNEL,
         description="chunk kernel: the carry is not decayed across a chunk boundary"),
     Mutant(
         "hla3-bf16-drops-carry", "kernel-carry", GLA,
-        "ob = b[:, None] * tl.dot(qd, X.to(DOT), input_precision=PREC, out_dtype=ACC)",
-        "ob = b[:, None] * tl.dot(qd, (X * TABLE).to(DOT), input_precision=PREC, out_dtype=ACC)",
+        "ob = bc[:, None] * tl.dot(qd, X.to(DOT), input_precision=PREC, out_dtype=ACC)",
+        "ob = bc[:, None] * tl.dot(qd, (X * TABLE).to(DOT), input_precision=PREC, out_dtype=ACC)",
         (K3,), k="low_precision and bfloat16 and chunk",
         description="hla3 drops the carry at a chunk boundary: the fp32-accumulating chunk "
                     "kernel (bf16 inputs) leaves out q_rᵀ X0, asked of the hla3 bf16 tests "
@@ -393,13 +393,13 @@ CATALOGUE: list[Mutant] = [
         "normalized-output-10pct-large", "kernel-normalization", GLA,
         "ob = ob / (ob1 + tl.load(eps))[:, None]",
         "ob = 1.1 * ob / (ob1 + tl.load(eps))[:, None]",
-        (K2,), k="low_precision and bfloat16 and ahla_chunk",
+        (K2,), k="low_precision and bfloat16 and ahla and chunk",
         description="normalized output 10% too large, asked of the ahla bf16 tests (issue 9: "
                     "passed 15 of 23 examples)"),
     Mutant(
         "kernel-side-value-ignored", "kernel-normalization", GLA,
-        "X1 = gC * X1 + tl.sum(kb.to(ACC) * (gk * w1)[:, None], 0)",
-        "X1 = gC * X1 + tl.sum(kb.to(ACC) * gk[:, None], 0)",
+        "X1 = gX * X1 + tl.sum(kb.to(ACC) * (gk * w1)[:, None], 0)",
+        "X1 = gX * X1 + tl.sum(kb.to(ACC) * gk[:, None], 0)",
         (K2, K3), k="float64 and chunk", scope=CHUNK_KERNEL,
         description="chunk kernel: the side carry ignores the side value (v1 = 1 assumed in "
                     "the carry of every stage, wrong for AHLA's and HLA3's last stage)"),

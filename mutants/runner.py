@@ -298,7 +298,7 @@ def run_baseline(mutants: list[Mutant], snap: Path, timeout: float, jobs: int, l
         log("baseline: no test collected at all: aborting")
         return {"passed": False, "tests": 0, "selections": len(selections), "seconds": 0.0,
                 "summary": "no tests", "empty_selections": empty}
-    rc, out, secs = run_pytest(snap, list(nodes), timeout * 3, extra=())
+    rc, out, secs = run_pytest(snap, list(nodes), timeout * 3)
     passed = rc == 0
     summary = out.strip().splitlines()[-1] if out.strip() else ""
     log(f"baseline: {'passed' if passed else 'FAILED'} in {secs:.0f} s ({summary})")
