@@ -35,7 +35,10 @@ Memory kept for the backward, per token and head: the intermediate stage outputs
 vt: dv in the stage-output format, bf16 for bf16 inputs; vt1: one fp32 with normalize)
 and, normalized, the denominator D (one fp32); q, k, v, o are the caller's tensors
 (q * scale is kept when scale != 1). Nothing d x d per token or per chunk. The backward
-allocates fp32 (fp64) cotangent buffers: dq, dk, dv and one per intermediate stage.
+writes each intermediate stage's cotangent once, in the stage-output format (bf16 for bf16
+inputs: what its LAs round it to anyway), a gradient written by one rule directly in the
+input dtype, and accumulates a gradient written by several rules (dq: one per stage; dk of
+a key stage) in an fp32 buffer that its last rule reads and converts (chain_backward).
 """
 from __future__ import annotations
 
@@ -124,6 +127,9 @@ class ChainFunction(torch.autograd.Function):
             if cfg.scale != 1.0:
                 p["q"] = (p["q"] * cfg.scale).contiguous()
             o, out = forward_chain(cfg.chain, la, p, st, fin, cfg.normalize, cfg.eps, keep_side=True)
+        o_last = out.pop(cfg.chain[-1].state)
+        out["D"] = o_last[1]  # the dividing stage's denominator (normalized), else None
+        ctx.save_for_backward(o)  # an output: kept by autograd (no reference cycle through ctx)
         ctx.cfg, ctx.p, ctx.la, ctx.st, ctx.out = cfg, p, la, st, out
         ctx.field_dtypes = [x.dtype for x in fields]
         ctx.set_materialize_grads(False)
@@ -136,12 +142,16 @@ class ChainFunction(torch.autograd.Function):
         cfg, p = ctx.cfg, ctx.p
         need = dict(q=ctx.needs_input_grad[1], k=ctx.needs_input_grad[2], v=ctx.needs_input_grad[3],
                     init=any(ctx.needs_input_grad[4:]))
+        out = dict(ctx.out)
+        (o,) = ctx.saved_tensors
+        out[cfg.chain[-1].state] = (o, out.pop("D"))
+        out["o"] = o
         with torch.autocast(p["q"].device.type, enabled=False):
-            dq, dk, dv, dinit = chain_backward(cfg.chain, ctx.la, p, ctx.st, ctx.out, cfg.normalize, cfg.eps,
+            dq, dk, dv, dinit = chain_backward(cfg.chain, ctx.la, p, ctx.st, out, cfg.normalize, cfg.eps,
                                                do, dict(zip(ctx.fin_names, dfin)), need)
         dt = p["k"].dtype
         grads = [None,
-                 (dq * cfg.scale).to(dt) if need["q"] and dq is not None else None,
+                 (dq if cfg.scale == 1.0 else dq * cfg.scale).to(dt) if need["q"] and dq is not None else None,
                  dk.to(dt) if need["k"] and dk is not None else None,
                  dv.to(dt) if need["v"] and dv is not None else None]
         names = cfg.state_cls._fields
@@ -151,93 +161,128 @@ class ChainFunction(torch.autograd.Function):
         return tuple(grads)
 
 
+def _plan(chain, need, has_init):
+    """The (stage index, rule, target) launches of the backward, in order, skipping rules
+    whose target gradient is not wanted (unless the rule also yields an initial-carry
+    cotangent that is wanted)."""
+    steps = []
+    for i in range(len(chain) - 1, -1, -1):
+        s = chain[i]
+        for r in VJP_RULES:
+            tgt = {"q": "q", "a": s.key, "b": s.value}[r.target]
+            gives_init = r.reverse and r.key == "q" and r.value == "dN"
+            if tgt in ("q", "k", "v") and not need[tgt] and not (gives_init and has_init[s.state]):
+                continue
+            steps.append((i, r, tgt))
+    return steps
+
+
 def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
     """(dq, dk, dv, {state field: cotangent of the initial carry}) of one chain call.
 
     la: the forward's Chain (mode, launch knobs, decays); st: its initial carries; out: the
     stage outputs {name: (tensor, side value)}; do: cotangent of o (or None); dfin:
-    {final-state field: cotangent or None}; need: which gradients are wanted. The
-    cotangents are fp32 (fp64 for fp64 inputs) tensors [B, T, H, width] ([B, T, H] for
-    side channels); every rule's LA adds into its target's buffer (ACCUM) after the first.
+    {final-state field: cotangent or None}; need: which gradients are wanted.
+    Buffers: a target written by one rule gets its final format at once (dq, dk, dv in the
+    input dtype; an intermediate stage's cotangent in the stage-output format, which is
+    what its LAs round it to anyway); a target written by several rules accumulates in
+    fp32 (fp64), and its last rule reads that buffer and writes the final format (ACCUM
+    from a separate source). Side-channel cotangents [B, T, H] stay fp32 (fp64).
     """
     sdt, H = p["sdt"], p["H"]
     B, T = p["B"], p["T"]
-    shape = lambda w: (B, T, H, w)  # noqa: E731
+    final_dtype = {"q": p["k"].dtype, "k": p["k"].dtype, "v": p["k"].dtype}
+    has_init = {s.state: need["init"] and st.get(s.state) is not None for s in chain}
+    steps = _plan(chain, need, has_init)
+    writers = {}
+    for _, _, tgt in steps:
+        writers[tgt] = writers.get(tgt, 0) + 1
+    written = dict.fromkeys(writers, 0)
     cot, dinit = {}, {}
     producer_side = {s.state: s.side for s in chain}
     n = len(chain)
-    for i in range(n - 1, -1, -1):
+    prepared = {}
+    for i, r, tgt in steps:
         s = chain[i]
         use_side = bool(normalize) and s.side is not None
         a = out[s.key][0]
         b, b1 = out[s.value]
-        if i == n - 1:
-            if do is None:
-                dN = dD = None
-            elif use_side:  # quotient rule of o = N / (D + eps)
-                den = out[s.state][1] + eps
-                dN = do.to(sdt) / den[..., None]
-                dD = -(dN * out[s.state][0].to(sdt)).sum(-1)
+        if i not in prepared:  # the stage's cotangents, once
+            if i == n - 1:
+                if do is None:
+                    dN = dD = None
+                elif use_side:  # quotient rule of o = N / (D + eps)
+                    den = out[s.state][1] + eps
+                    dN = do.to(sdt) / den[..., None]
+                    dD = -(dN * out["o"].to(sdt)).sum(-1)
+                    dN = dN.to(la.mid_dtype)
+                else:
+                    dN, dD = do.contiguous(), None
             else:
-                dN, dD = do.contiguous(), None
-        else:
-            dN, dD = cot.pop(s.state, None), (cot.pop(s.side, None) if use_side else None)
-        dXf, dX1f = dfin.get(s.state), (dfin.get(s.side) if use_side else None)
+                dN, dD = cot.pop(s.state, None), (cot.pop(s.side, None) if use_side else None)
+            dXf, dX1f = dfin.get(s.state), (dfin.get(s.side) if use_side else None)
+            w, d = b.shape[-1], a.shape[-1]
+            if dN is None:
+                dN = torch.zeros((B, T, H, w), dtype=la.mid_dtype, device=a.device)
+            if use_side and dD is None:
+                dD = torch.zeros((B, T, H), dtype=sdt, device=a.device)
+            if dXf is not None or dX1f is not None:
+                if dXf is None:
+                    dXf = torch.zeros((p["N"], H, d, w), dtype=sdt, device=a.device)
+                if use_side and dX1f is None:
+                    dX1f = torch.zeros((p["N"], H, d, 1), dtype=sdt, device=a.device)
+            prepared = {i: (dN, dD, dXf, dX1f)}
+        dN, dD, dXf, dX1f = prepared[i]
         X0, X10 = st.get(s.state), (st.get(s.side) if use_side else None)
-        want_init = need["init"] and X0 is not None
-        if dN is None and dD is None and dXf is None and dX1f is None:
-            continue  # nothing reaches this stage (its outputs were not used)
-        w = b.shape[-1]
-        dN = dN if dN is not None else torch.zeros(shape(w), dtype=sdt, device=a.device)
-        if use_side:
-            dD = dD if dD is not None else torch.zeros((B, T, H), dtype=sdt, device=a.device)
-        else:
+        if not use_side:
             b1 = None
-        if dXf is not None or dX1f is not None:
-            d = a.shape[-1]
-            dXf = dXf if dXf is not None else torch.zeros((p["N"], H, d, w), dtype=sdt, device=a.device)
-            if use_side and dX1f is None:
-                dX1f = torch.zeros((p["N"], H, d, 1), dtype=sdt, device=a.device)
         vals = {"q": p["q"], "a": a, "b": b, "dN": dN}
         sides = {"dN": dD, "b": b1}
-        for r in VJP_RULES:
-            tgt = {"q": "q", "a": s.key, "b": s.value}[r.target]
-            gives_init = r.reverse and r.key == "q" and r.value == "dN"
-            if tgt in need and not need[tgt] and not (gives_init and want_init):
-                continue
-            qside = side = None
-            if use_side:
-                if r.query in SIDE_OF and r.key in SIDE_OF:
-                    qside = (sides[r.query], sides[r.key])
-                assert (r.query in SIDE_OF) == (r.key in SIDE_OF), r
-                side = sides.get(r.value)
-            tgt_side = producer_side.get(tgt) if (side is not None and r.target == "b") else None
-            tgt_side = tgt_side if use_side else None
-            # carries: the rule's carry is key x value; transposed against X (a x b) when its key is in b-space
-            tr = r.key in B_SPACE
-            X, X1 = (dXf, dX1f) if r.reverse else (X0, X10)
-            init, xr = (None, None), None
-            if X is not None:
-                init = ((X.transpose(-1, -2) if tr else X).contiguous(), None)
-                if qside is not None:
-                    xr = X1.reshape(X1.shape[0], H, -1).contiguous()
-                elif side is not None:
-                    init = (init[0], X1.contiguous())
-            final = (None, None)
-            if gives_init and want_init:
-                final = (torch.empty_like(X0), torch.empty_like(X10) if side is not None else None)
-            o_, o1_ = la(vals[r.query], vals[r.key], vals[r.value], s.power, side=side,
-                         side_out=tgt_side is not None, init=init, final=final, reverse=r.reverse,
-                         shift=r.reverse, qside=qside, xr_init=xr, out=cot.get(tgt),
-                         out1=cot.get(tgt_side) if tgt_side else None, out_dtype=sdt)
-            cot[tgt] = o_
-            if tgt_side is not None:
-                cot[tgt_side] = o1_
-            if final[0] is not None:
-                gp = (p["g64"] ** s.power).to(device=X0.device, dtype=sdt).view(1, H, 1, 1)
-                dinit[s.state] = final[0] * gp
-                if final[1] is not None:
-                    dinit[s.side] = final[1] * gp
+        gives_init = r.reverse and r.key == "q" and r.value == "dN"
+        qside = side = None
+        if use_side:
+            assert (r.query in SIDE_OF) == (r.key in SIDE_OF), r
+            if r.query in SIDE_OF:
+                qside = (sides[r.query], sides[r.key])
+            side = sides.get(r.value)
+        tgt_side = producer_side.get(tgt) if (side is not None and r.target == "b") else None
+        # carries: the rule's carry is key x value; transposed against X (a x b) when its key is in b-space
+        tr = r.key in B_SPACE
+        X, X1 = (dXf, dX1f) if r.reverse else (X0, X10)
+        init, xr = (None, None), None
+        if X is not None:
+            init = ((X.transpose(-1, -2) if tr else X).contiguous(), None)
+            if qside is not None:
+                xr = X1.reshape(X1.shape[0], H, -1).contiguous()
+            elif side is not None:
+                init = (init[0], X1.contiguous())
+        final = (None, None)
+        if gives_init and has_init[s.state]:
+            final = (torch.empty_like(X0), torch.empty_like(X10) if side is not None else None)
+        # where the output goes (see the docstring)
+        written[tgt] += 1
+        fdt = final_dtype.get(tgt, la.mid_dtype)
+        if writers[tgt] == 1:
+            dest, acc, odt = None, None, fdt
+        elif written[tgt] < writers[tgt]:
+            dest = acc = cot.get(tgt)
+            odt = sdt
+        else:
+            acc = cot.get(tgt)
+            dest = acc if fdt == sdt else None
+            odt = fdt
+        o_, o1_ = la(vals[r.query], vals[r.key], vals[r.value], s.power, side=side,
+                     side_out=tgt_side is not None, init=init, final=final, reverse=r.reverse,
+                     shift=r.reverse, qside=qside, xr_init=xr, out=dest, acc=acc, out_dtype=odt,
+                     out1=cot.get(tgt_side) if tgt_side else None)
+        cot[tgt] = o_
+        if tgt_side is not None:
+            cot[tgt_side] = o1_
+        if final[0] is not None:
+            gp = (p["g64"] ** s.power).to(device=X0.device, dtype=sdt).view(1, H, 1, 1)
+            dinit[s.state] = final[0] * gp
+            if final[1] is not None:
+                dinit[s.side] = final[1] * gp
     return cot.get("q"), cot.get("k"), cot.get("v"), dinit
 
 

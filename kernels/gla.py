@@ -70,7 +70,7 @@ def _side_vals(p, rows, H, h, mr, MODE: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, dx, dx1, cu, eps,
-                     q1, k1, xr0, dxr,
+                     q1, k1, xr0, dxr, oa,
                      T, H, D, DV, SEG, NSUM,
                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                      SIDE: tl.constexpr, DIVIDE: tl.constexpr, STORE_O1: tl.constexpr,
@@ -89,7 +89,7 @@ def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, 
     #   XR = sum g^(t-j) k1_j v_j^T starts from xr0 [N, H, DV]; segment summaries in dxr.
     # SHIFT: the initial carry is the state *after* a virtual first update: it enters token
     #   tau with g^tau, not g^(tau+1) (a final-state cotangent read backward in time).
-    # ACCUM / ACCUM1: add to what o / o1 already hold instead of overwriting.
+    # ACCUM: add what oa holds (oa may be o itself); ACCUM1: add to what o1 holds.
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     s = tl.program_id(2)
@@ -172,7 +172,7 @@ def _la_chunk_kernel(q, k, v, o, v1, o1, log2g_ptr, pow_ptr, x0, x1_0, xf, x1f, 
                     tl.store(o1 + rows * H + h, ob1.to(o1.dtype.element_ty), mask=mr)
             X1 = gX * X1 + tl.sum(kb.to(ACC) * (gk * w1)[:, None], 0)
         if ACCUM:
-            ob += tl.load(o + v_off, mask=v_msk, other=0).to(ACC)
+            ob += tl.load(oa + v_off, mask=v_msk, other=0).to(ACC)
         tl.store(o + v_off, ob.to(o.dtype.element_ty), mask=v_msk)
         if QS > 0:
             XR = gX * XR + tl.sum((ks * gk)[:, None] * vd.to(ACC), 0)
@@ -240,7 +240,7 @@ def _la_summary_kernel(k, v, v1, dx, dx1, log2g_ptr, pow_ptr, cu, k1, dxr, T, H,
 
 
 @triton.jit
-def _la_recurrent_kernel(q, k, v, o, v1, o1, g_ptr, x0, x1_0, xf, x1f, cu, eps, q1, k1, xr0, T, H, D, DV,
+def _la_recurrent_kernel(q, k, v, o, v1, o1, g_ptr, x0, x1_0, xf, x1f, cu, eps, q1, k1, xr0, oa, T, H, D, DV,
                          BK: tl.constexpr, BV: tl.constexpr, SIDE: tl.constexpr, DIVIDE: tl.constexpr,
                          STORE_O1: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
                          VARLEN: tl.constexpr, ACC: tl.constexpr, REV: tl.constexpr = False,
@@ -306,7 +306,7 @@ def _la_recurrent_kernel(q, k, v, o, v1, o1, g_ptr, x0, x1_0, xf, x1f, cu, eps, 
                         ot1 += tl.load(o1 + row * H + h).to(ACC)
                     tl.store(o1 + row * H + h, ot1.to(o1.dtype.element_ty))
         if ACCUM:
-            ot += tl.load(o + (row * H + h) * DV + ov, mask=mv, other=0).to(ACC)
+            ot += tl.load(oa + (row * H + h) * DV + ov, mask=mv, other=0).to(ACC)
         tl.store(o + (row * H + h) * DV + ov, ot.to(o.dtype.element_ty), mask=mv)
     if STORE_FINAL:
         tl.store(xf + x_off, X.to(xf.dtype.element_ty), mask=x_msk)
@@ -406,7 +406,7 @@ class Chain:
 
     def __call__(self, q, k, v, power: int, *, last=False, side=None, divide=False, side_out=False,
                  eps=1e-6, init=(None, None), final=(None, None), reverse=False, shift=False,
-                 qside=None, xr_init=None, out=None, out1=None, out_dtype=None):
+                 qside=None, xr_init=None, out=None, out1=None, out_dtype=None, acc=None):
         """LA(q, k, v; gamma^power) over the sequences of p. Returns (o [B, T, H, dv], side
         output [B, T, H] or None).
 
@@ -417,8 +417,10 @@ class Chain:
         shift: the initial carry enters token tau with g^tau (a final-state cotangent);
         qside: (q1, k1), each "ones" or a tensor [B, T, H]: query q_t -> [q_t, q1_t] and key
         k_j -> [k_j, k1_j], with the initial carry row xr_init [N, H, dv] (or None);
-        out / out1: tensors to add the output / side output to (else fresh ones, of out_dtype
-        or by default the input dtype for `last`, the stage-output format otherwise).
+        out: the tensor to write the output to (else a fresh one, of out_dtype or by default
+        the input dtype for `last`, the stage-output format otherwise); acc: a tensor whose
+        values are added to the output (may be `out` itself); out1: a side-output tensor to
+        add the side output to.
         """
         p = self.p
         B, T, H, N, sdt = p["B"], p["T"], p["H"], p["N"], p["sdt"]
@@ -442,7 +444,8 @@ class Chain:
                     xf=final[0] if final[0] is not None else dummy, x1f=final[1] if final[1] is not None else dummy,
                     cu=p["cu"] if p["cu"] is not None else dummy,
                     eps=torch.full((1,), float(eps), dtype=sdt, device=dev) if divide else dummy,
-                    q1=q1, k1=k1, xr0=xr_init if xr_init is not None else dummy)
+                    q1=q1, k1=k1, xr0=xr_init if xr_init is not None else dummy,
+                    oa=acc if acc is not None else dummy)
         has_init = init[0] is not None or xr_init is not None
         if has_init and (init[0] is None or (SIDE and init[1] is None) or (QS and xr_init is None)):
             raise ValueError("an initial carry needs all of its parts (X, and X1 / the side row when used)")
@@ -450,7 +453,7 @@ class Chain:
                      STORE_FINAL=final[0] is not None, VARLEN=p["cu"] is not None,
                      ACC=tl.float64 if sdt == torch.float64 else tl.float32,
                      REV=bool(reverse), QS=QS, KS=max(KS, 1), SHIFT=bool(shift) and has_init,
-                     ACCUM=out is not None, ACCUM1=side_out and out1 is not None)
+                     ACCUM=acc is not None, ACCUM1=side_out and out1 is not None)
         if self.mode == "recurrent":
             BK = max(16, triton.next_power_of_2(d))
             BV = max(16, min(self.knobs["block_v"] or 64, triton.next_power_of_2(dv)))

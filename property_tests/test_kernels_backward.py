@@ -232,8 +232,10 @@ def _check_vs_vjp(op, mode, B, T, H, d, dv, gammas, normalize, cu=None, chunk_si
                 else:
                     ref = hla_core.vjp(op, *(x[sl].detach().cpu().numpy() for x in (q, k, v, do)), form=form,
                                        gamma=gammas[h], normalize=normalize, chunk_size=chunk_size)
-                for name, x, r in zip("qkv", (q, k, v), ref):
-                    e = _rel(x.grad[sl].cpu().numpy(), r)
+                scales = _grad_scales(op, *(x[sl].detach().cpu() for x in (q, k, v, do)), gammas[h], normalize) \
+                    if normalize else [np.linalg.norm(r) for r in ref]
+                for name, x, r, sc in zip("qkv", (q, k, v), ref, scales):
+                    e = float(np.linalg.norm(x.grad[sl].cpu().numpy() - r)) / max(sc, 1e-300)
                     worst = max(worst, e)
                     assert e <= 1e-10, f"{op} {mode} d{name} (b={b}, seq {lo}:{hi}, h={h}): rel {e:.2e}"
     return worst
@@ -332,6 +334,25 @@ def _autograd_ref(op, q, k, v, do, gamma, normalize):
     o, _ = torch_recurrence(op, q, k, v, gamma, normalize, 1e-6, None)
     (o * do.double()).sum().backward()
     return [x.grad.numpy() for x in (q, k, v)]
+
+
+def _grad_scales(op, q, k, v, do, gamma, normalize, eps=1e-6):
+    """Normalized operators: the gradient is the numerator channel's part (cotangent
+    do / (D + eps)) plus the denominator channel's (cotangent -(do . o) / (D + eps)); where
+    D >> eps (a one-token sequence, say) the two cancel to O(eps / D) of either, so the
+    float64 check is relative to ||part N|| + ||part D|| (float64 autograd through the
+    generated recurrence), the size of what was summed."""
+    q, k, v = (x.double().requires_grad_(True) for x in (q, k, v))
+    N, _ = torch_recurrence(op, q, k, v, gamma, False, eps, None)
+    D = torch_recurrence(op, q, k, v[:, :1] * 0 + 1, gamma, False, eps, None)[0][:, 0]
+    den = (D + eps).detach()
+    o = (N / den[:, None]).detach()
+    cN = do.double() / den[:, None]
+    cD = -(do.double() * o).sum(-1) / den
+    gN = torch.autograd.grad((N * cN).sum(), (q, k, v), allow_unused=True, retain_graph=True)
+    gD = torch.autograd.grad((D * cD).sum(), (q, k, v), allow_unused=True)
+    nrm = lambda g: 0.0 if g is None else float(g.norm())  # noqa: E731
+    return [nrm(a) + nrm(b) for a, b in zip(gN, gD)]
 
 
 def _random_state(op, N, H, d, dv, normalize, positive, seed):
