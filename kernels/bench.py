@@ -15,6 +15,7 @@ writes bench.json and bench.png into --out (default docs/).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -150,6 +151,23 @@ def train(args):
               f"dk {errs[1]:.2e} dv {errs[2]:.2e}", flush=True)
     rows = []
     shapes = [(int(x.split(",")[0]), int(x.split(",")[1])) for x in args.train_shapes.split(";")]
+    from kernels._common import prepare
+    from kernels.gla import Chain
+    for T, d in shapes:  # the building block: one LA launch forward, and read backward in time
+        gen = torch.Generator(device=dev).manual_seed(1)
+        q, k, v = (torch.randn(B, T, H, d, device=dev, generator=gen, dtype=torch.bfloat16) * d ** -0.5
+                   for _ in range(3))
+        p = prepare(q, k, v, GAMMA, 1e-6, C, None, False)
+        la = Chain(p, "chunk")
+        dq32 = torch.randn(B, T, H, d, device=dev, dtype=torch.float32)
+        for nm, f in (("LA forward, bf16 in/out", lambda: la(q, k, v, 1, last=True)),
+                      ("LA reversed, bf16 in, fp32 out", lambda: la(q, k, v, 1, reverse=True,
+                                                                    out_dtype=torch.float32)),
+                      ("LA reversed, fp32 query in, fp32 accumulate", lambda: la(dq32, k, v, 1, reverse=True,
+                                                                                  out=dq32, acc=dq32))):
+            ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+            print(f"[train] T={T} d={d} one {nm}: {ms:.3f} ms", flush=True)
+        del q, k, v, p, la, dq32
     for T, d in shapes:
         gen = torch.Generator(device=dev).manual_seed(T + d)
         q, k, v, do = (torch.randn(B, T, H, d, device=dev, generator=gen, dtype=torch.bfloat16) * d ** -0.5
@@ -165,7 +183,6 @@ def train(args):
         }
         if chunk_simple_gla is not None:
             methods["fla_chunk_simple_gla"] = lambda q, k, v: chunk_simple_gla(q, k, v, g_gamma=glog)[0]
-            methods["fla_chunk_simple_gla_nodecay"] = lambda q, k, v: chunk_simple_gla(q, k, v)[0]
             methods["fla_chained_hla2"] = lambda q, k, v: chunk_simple_gla(
                 q, chunk_simple_gla(q, k, k, g_gamma=glog, scale=1.0)[0], v, g_gamma=2 * glog, scale=1.0)[0]
         for mname, fn in methods.items():
@@ -184,6 +201,7 @@ def train(args):
                 ms = triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=xs, return_mode="median")
                 for x in xs:
                     x.grad = None
+                gc.collect()
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
@@ -204,10 +222,20 @@ def train(args):
     with open(os.path.join(args.out, "bench_train.json"), "w") as fh:
         json.dump(dict(gpu=name, torch=torch.__version__, triton=triton.__version__, B=B, H=H, gamma=GAMMA,
                        rows=rows), fh, indent=1)
-    print("\n| T, d | method | forward | forward+backward | peak memory (step extra) |\n|---|---|---|---|---|")
+    print_train_table(rows)
+
+
+def print_train_table(rows):
+    """The forward+backward table of docs/benchmarks.md (python -m kernels.bench --train-table JSON)."""
+    ref = {(r["T"], r["d"]): r for r in rows if r["method"] == "fla_chunk_simple_gla"}
+    print("\n| T, d | method | forward | forward+backward | peak memory (step extra) | fwd+bwd / fla |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
+        f = ref.get((r["T"], r["d"]))
+        ratio = f"{r['fwdbwd_ms'] / f['fwdbwd_ms']:.2f}" if f else "-"
         print(f"| {r['T'] // 1024}K, {r['d']} | {r['method']} | {r['fwd_ms']:.2f} ms | {r['fwdbwd_ms']:.2f} ms | "
-              f"{r['peak_gib']:.2f} GiB ({r['extra_gib']:.2f}) |")
+              f"{r['peak_gib']:.2f} GiB ({r['extra_gib']:.2f}) | {ratio} |")
+    sys.stdout.flush()
 
 
 def main(argv=None):
@@ -222,7 +250,12 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="sweep chunk size, value block, warps first")
     ap.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
     ap.add_argument("--table", default=None, metavar="JSON", help="only print the table of a saved bench.json")
+    ap.add_argument("--train-table", default=None, metavar="JSON", help="only print the table of a saved bench_train.json")
     args = ap.parse_args(argv)
+    if args.train_table:
+        with open(args.train_table) as fh:
+            print_train_table(json.load(fh)["rows"])
+        return
     if args.train:
         return train(args)
     if args.table:
