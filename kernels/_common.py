@@ -111,12 +111,15 @@ def _is_real(x) -> bool:
 
 
 def _no_grad_needed(name: str, x: torch.Tensor):
-    """These kernels have no backward yet (issue 12): an input that requires grad would get an
-    output with no graph, and the gradient would be silently missing. Refuse it instead."""
+    """The forward-only runner (kernels.gla.run_chain, used directly by bench / numerics)
+    builds no graph: an input that requires grad would get an output with no gradient,
+    silently. Refuse it there. The public functions are autograd ops (kernels/backward.py):
+    their forward runs with grad mode off, so this never fires through them."""
     if torch.is_grad_enabled() and x.requires_grad:
         raise NotImplementedError(
-            f"{name} requires grad, but the HLA Triton kernels have no backward yet: the output would "
-            f"carry no gradient. Call them under torch.no_grad() or pass {name}.detach()")
+            f"{name} requires grad, but kernels.gla.run_chain is forward only: the output would carry "
+            f"no gradient. Use the public functions (kernels.chunk_hla2, ...), which are differentiable, "
+            f"call it under torch.no_grad() or pass {name}.detach()")
 
 
 def check_qkv(q, k, v):
