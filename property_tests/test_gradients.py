@@ -85,7 +85,7 @@ def problems(draw, positive_qk=False, max_T=7):
 
 FORMS = ["quadratic", "recurrent", "chunked"]
 # per operator; the `thorough` profile runs its own (larger) count
-EXAMPLES = 12 if settings.default.max_examples <= 25 else settings.default.max_examples
+EXAMPLES = 8 if settings.default.max_examples <= 25 else settings.default.max_examples
 
 
 @pytest.mark.parametrize("op", OPS)
