@@ -83,7 +83,7 @@ def write_docs(report: dict, results, command: str):
          "# Mutation catalogue and score", "",
          "Deliberate one-line bugs (mutants/catalogue.py), each applied to a fresh copy of the "
          "working tree; the tests that should catch it run there (Triton kernels in the "
-         "interpreter, `HYPOTHESIS_PROFILE=ci`). CAUGHT: a test failed. SURVIVED: every "
+         "interpreter, `HYPOTHESIS_PROFILE=ci` with its examples but no shrinking, `pytest -x`). CAUGHT: a test failed. SURVIVED: every "
          "selected test passed with the bug in place. ERROR: the run broke (collection error, "
          "timeout) — not counted as caught. STALE: the mutant's text no longer occurs in its "
          "file.", "",
@@ -138,7 +138,7 @@ def main(argv=None):
     print(f"{len(ms)} mutants, {args.jobs} at a time, timeout {args.timeout:.0f} s each", flush=True)
     report = run(ms, jobs=args.jobs, timeout=args.timeout, baseline=not args.no_baseline,
                  log=lambda s: print(s, flush=True), rev=args.rev)
-    report.update(rev=args.rev, date=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), cores=os.cpu_count(),
+    report.update(date=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), cores=os.cpu_count(),
                   jobs=args.jobs, platform=f"{platform.system()} {platform.machine()}, Python {platform.python_version()}")
     if report["aborted"]:
         return 2

@@ -237,8 +237,12 @@ def run(mutants: list[Mutant], jobs: int = 1, timeout: float = 600.0, baseline: 
     try:
         install_plugin(work)
         snap = snapshot(ROOT, work / "snapshot", rev)
+        if rev is not None:  # name the commit itself: HEAD moves
+            sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                                 capture_output=True, text=True).stdout.strip()
+            rev = rev if rev == sha else f"{rev} = {sha}"
         log(f"snapshot of {'commit ' + rev if rev else 'the working tree'} in {snap}")
-        info = {"baseline": None, "imports": None}
+        info = {"baseline": None, "imports": None, "rev": rev}
         stale = {m.id: stale_reason(snap, m) for m in mutants}
         for mid, why in stale.items():
             if why:
