@@ -37,6 +37,7 @@ class Mutant:
 
 
 ENGINE = "property_tests/test_engine.py"
+GRADS = "property_tests/test_gradients.py"
 CHAINS = "property_tests/test_kernel_chains.py"
 REFS = "property_tests/test_references.py"
 VALID = "property_tests/test_validation.py"
@@ -432,6 +433,121 @@ CATALOGUE: list[Mutant] = [
 # summaries.pattern_summary, proofs.py, codegen.py): add them here as Mutant(...) entries
 # with area "engine-translation" (or the matching engine area).
 ENGINE_DEFECTS: list[Mutant] = [
+    # ------------------------------------------------------------------ engine: issue 9 defects
+    # (each was a real escape before issue 9; the fix is the line these mutants undo)
+    Mutant(
+        "translation-doubles-decay", "engine-translation", SUMMARIES,
+        's = make_summary(slots, pairs, {ren[x]: c for x, c in p.decay_coeffs})',
+        's = make_summary(slots, pairs, {ren[x]: 2 * c for x, c in p.decay_coeffs})',
+        (ENGINE,),
+        "the Pattern -> top summary translation doubles every decay coefficient (invisible to "
+        "the T <= 4 exact check for a pattern needing five positions; the translation "
+        "certificate catches it)", k="translation or unseen"),
+    Mutant(
+        "index-name-collides-with-end", "engine-translation", SUMMARIES,
+        'ren = {x: f"#{x}" for x in p.indices}',
+        'ren = {x: x for x in p.indices}',
+        (ENGINE,),
+        "user index names reach the summaries unrenamed: an index called `end` is taken for "
+        "the segment end", k="collide"),
+    Mutant(
+        "fractional-decay-as-sqrt", "codegen", CODEGEN,
+        'return f"R.frac_pow({self._print(e.base)}, {exp.p}, {exp.q})"',
+        'return f"sqrt({self._print(e.base)})" if exp.q == 2 else f"R.frac_pow({self._print(e.base)}, {exp.p}, {exp.q})"',
+        (ENGINE,),
+        "generated code prints γ^(1/2) as sqrt(g), undefined in the generated module",
+        k="fractional"),
+    Mutant(
+        "decay-parser-evaluates-calls", "engine-translation", "derivations/pattern.py",
+        'if isinstance(node, ast.Expression):',
+        'if isinstance(node, ast.Call):\n        return _linear_form(ast.parse(str(eval(compile(ast.Expression(node), "", "eval"))), mode="eval"), names, decay)\n    if isinstance(node, ast.Expression):',
+        (ENGINE,),
+        "the decay parser evaluates function calls as Python (a decay string runs code)",
+        k="parsed_never_run or malformed_decays"),
+    Mutant(
+        "chain-parser-no-backtracking", "engine-translation", "derivations/pattern.py",
+        'rest = _walk(dots, value, m, 1 - s, used | {m})',
+        'rest = _walk(dots, value, m, 1 - s, used | {m})\n            if rest is None:\n                return None',
+        (ENGINE,),
+        "the chain parser commits to the first dot at an index: the order of the factors "
+        "decides whether a product parses", k="order_of_the_dot or self_dot"),
+    # ------------------------------------------------------------------ gradients (issue 11)
+    Mutant(
+        "grad-out-side-read-forward", "engine-gradients", "derivations/gradients.py",
+        'terms.append(GradTerm(wrt, f.var, f.in_vec, bwd, p.constraints, p.decay_coeffs,',
+        'terms.append(GradTerm(wrt, f.var, f.in_vec, fwd, p.constraints, p.decay_coeffs,',
+        (GRADS,),
+        "a right-vector occurrence is cut open but its chain is read forward (wrong direction)"),
+    Mutant(
+        "grad-in-side-wrong-lead", "engine-gradients", "derivations/gradients.py",
+        'terms.append(GradTerm(wrt, f.var, f.out_vec, fwd, p.constraints, p.decay_coeffs,',
+        'terms.append(GradTerm(wrt, f.var, f.in_vec, fwd, p.constraints, p.decay_coeffs,',
+        (GRADS,),
+        "a left-vector occurrence leads with itself instead of its factor's other vector"),
+    Mutant(
+        "grad-drops-output-query", "engine-gradients", "derivations/gradients.py",
+        "        if f.out_vec == wrt:\n            terms.append(",
+        "        if f.out_vec == wrt and i > 0:\n            terms.append(",
+        (GRADS,),
+        "the gradient through the output token's own query (dq_t of q_tᵀ X_t) is dropped"),
+    Mutant(
+        "grad-prefix-decay-double-counted", "engine-gradients", "derivations/gradients.py",
+        'for v in P if v != "#@"), Fraction(0))',
+        'for v in P), Fraction(0))',
+        (GRADS,),
+        "the two-sided split counts the decay of the output index twice when a factor sits at "
+        "s (the bug the streaming certificate caught while it was written)",
+        k="unseen_patterns_gradient_proofs or unseen_patterns_get"),
+    Mutant(
+        "grad-suffix-decay-sign", "engine-gradients", "derivations/gradients.py",
+        'dec = {v: -coeff.get(v, Fraction(0)) for v in comp_vars}',
+        'dec = {v: coeff.get(v, Fraction(0)) for v in comp_vars}',
+        (GRADS,),
+        "the suffix side measures its decay from the wrong end"),
+    Mutant(
+        "grad-readout-no-shift", "engine-gradients", "derivations/gradients.py",
+        'coef = GAMMA ** sympy.Rational(c_p.numerator, c_p.denominator) if F else sympy.Integer(1)',
+        'coef = sympy.Integer(1)',
+        (GRADS,),
+        "the readout at s forgets γ^{C_P}: the suffix state's end is s+1, not s"),
+    Mutant(
+        "grad-suffix-state-off-by-one", "runtime", RUNTIME,
+        'gs.readout(pre[s], suf.get(s + 1, empty), g)',
+        'gs.readout(pre[s], suf.get(s, empty), g)',
+        (GRADS,),
+        "the streaming VJP reads the suffix state that already holds token s"),
+    Mutant(
+        "grad-denominator-cotangent-sign", "runtime", RUNTIME,
+        '"den": -np.sum(do * (o_num / den), axis=1, keepdims=True) / den}',
+        '"den": np.sum(do * (o_num / den), axis=1, keepdims=True) / den}',
+        (GRADS,),
+        "quotient rule with the wrong sign on the denominator's cotangent"),
+    Mutant(
+        "grad-numerator-cotangent-undivided", "runtime", RUNTIME,
+        'return {"num": do / den,',
+        'return {"num": do,',
+        (GRADS,),
+        "normalized VJP forgets to divide the numerator's cotangent by D + eps"),
+    Mutant(
+        "grad-chunked-reverse-index", "runtime", RUNTIME,
+        'out[(T - 1 - (lo + j)) if reverse else lo + j]',
+        'out[(T - (lo + j)) % T if reverse else lo + j]',
+        (GRADS,),
+        "the chunked suffix scan maps reversed positions back one token off"),
+    Mutant(
+        "grad-spec-decay-sign", "codegen", CODEGEN,
+        'expo[order["t"]] = expo.get(order["t"], 0) + co',
+        'expo[order["t"]] = expo.get(order["t"], 0) - co',
+        (GRADS,),
+        "the quadratic VJP's γ exponent takes the old output's position with the wrong sign",
+        k="unseen_patterns_get or exact_vjp"),
+    Mutant(
+        "grad-proof-uses-pattern-decay", "engine-proofs", "derivations/gradients.py",
+        'lhs = _cycle_psums([(closed_cycle(t), t.constraints, t.decay) for t in terms], Fresh("a"))',
+        'lhs = _cycle_psums([(closed_cycle(t), p.constraints, p.decay_coeffs) for t in terms], Fresh("a"))',
+        (GRADS,),
+        "the derivative certificate reads the pattern's decay instead of each term's own: a "
+        "wrong decay in a term would go unproved", k="rejects"),
 ]
 # --------------------------------------------------------------------------------------
 
