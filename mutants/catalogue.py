@@ -231,7 +231,7 @@ CATALOGUE: list[Mutant] = [
         "error-model-m-halved", "error-model", ERRMODEL,
         "M_OPERAND = 6\nM_OPERAND_HLA3",
         "M_OPERAND = 3\nM_OPERAND_HLA3",
-        (K2,), k="low_precision and bfloat16 and chunk",
+        (K2, "property_tests/test_error_model.py"), k="low_precision and bfloat16 and chunk or operand_roundings",
         description="the second-order operand rounding count m is halved (6 -> 3): the bound "
                     "no longer covers the counted roundings"),
     Mutant(
