@@ -52,10 +52,11 @@ denominator's sign is not determined by the arithmetic.
 
 Norm-wise bound for nonnegative inputs (normwise_coefficient, normwise_bound). The
 element-wise bound is relative to |op|, not to o: with inputs of both signs the operators
-cancel (|op|/|o| reaches 1e3-1e4 at d = 64, docs/numerics.md), so beta |op| can exceed
-|o| itself and a wrong output (10% too large, or a dropped carry) stays inside it. Where
-q, k, v and the initial state are all >= 0, every term of the sums is >= 0, so
-|op| = o = |o| and, for the normalized form, |D|abs = D >= 0, |N|abs = N = o (D + eps).
+cancel (|op|/|o| is in the hundreds to tens of thousands at d = 64, docs/numerics.md),
+so beta |op| can exceed |o| itself and a wrong output (10% too large, or a dropped carry)
+stays inside it. Where q, k, v and the initial state are all >= 0, every term of the
+sums is >= 0, so |op| = o = |o| and, for the normalized form, |D|abs = D >= 0,
+|N|abs = N = o (D + eps).
 Then, element by element, with beta_o = beta + u_out (1 + beta):
 
     unnormalized:  |o_hat - o| <= beta o + u_out (o + beta o) + eta_out/2
@@ -74,11 +75,9 @@ Writing rho for the coefficient of o (beta_o, or beta' + (u_acc + u_out)(1 + bet
 
     ||o_hat - o||_2 <= rho ||o||_2 + sqrt(M) eta_out / 2.
 
-rho is about beta for unnormalized outputs and 2 beta for normalized ones; at the CI
-shapes (T = 72, d = 12, C = 64, gamma = 0.9), unnormalized / normalized: 0.028 / 0.053
-(bf16, second order), 0.041 / 0.080 (bf16, hla3), 0.0064 / 0.012 (fp16, TF32 operands,
-second order), 0.0094 / 0.019 (fp16, hla3), 4e-5 / 1.1e-4 (fp32): an output 10% off in
-norm exceeds it at every dtype. For general inputs the same argument gives rho times the
+rho is about beta for unnormalized outputs and 2 beta for normalized ones (docs/numerics.md
+lists it at the CI shapes; for bf16 at most 0.08 there), so an output 10% off in norm
+exceeds it at every dtype. For general inputs the same argument gives rho times the
 condition number ||op||_2 / ||o||_2 of the sum, which is why the tests hold random-sign
 inputs to the element-wise bound only and draw nonnegative inputs for the norm-wise check.
 
