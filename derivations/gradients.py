@@ -28,6 +28,7 @@ Proofs (certificates like the forward ones):
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -141,23 +142,14 @@ def directional_derivative(p: Pattern, wrt: str) -> list[tuple]:
 
 def _cycle_psums(cycles, fresh):
     """(cycle, constraints, decay) triples as pattern sums over the tokens (p0, p1]."""
-    from .weights import PSum, bound_le
+    from .weights import index_sum
     out = []
     for cyc, constraints, decay in cycles:
         names = {f.var for f in cyc} | {x for c in constraints for x in (c.a, c.b)} | {OUT}
         ren = {x: fresh() for x in sorted(names)}
-        cons = [bound_le((ren[c.a], 0), (ren[c.b], 0), c.op == "<") for c in constraints if c.op != "=="]
-        cons += [(ren[c.a], "==", ren[c.b]) for c in constraints if c.op == "=="]
-        for x in ren.values():
-            cons += [bound_le(("p0", 0), (x, 0), True), bound_le((x, 0), ("p1", 0))]
-        lin = {}
-        for x, c in decay:
-            if c:
-                lin[ren[x]] = lin.get(ren[x], 0) - c
-                lin[ren[OUT]] = lin.get(ren[OUT], 0) + c
         word = tuple(("f", f.in_vec + f.out_vec, ren[f.var]) for f in cyc)
-        out.append(PSum(Fraction(1), word, tuple(cons),
-                        tuple(sorted((k, Fraction(v)) for k, v in lin.items() if v))))
+        out.append(index_sum(word, constraints, decay, {x: (v, 0) for x, v in ren.items()},
+                             ren.values(), "p1"))
     return out
 
 
@@ -397,7 +389,7 @@ def _suffix_psums(s, lo: tuple, hi: tuple, fillers: list, fresh):
     """Meaning, in forward time, of a suffix-side summary over (lo, hi]: its relations
     read backward, its decay measured from the segment's first token lo + 1."""
     from .summaries import END
-    from .weights import PSum, bound_le, psum_mul
+    from .weights import PSum, bound_le, with_slots
     ren = {v: fresh() for v in s.vars}
     cons = []
     for (a, b), op in s.rel:
@@ -412,40 +404,24 @@ def _suffix_psums(s, lo: tuple, hi: tuple, fillers: list, fresh):
     for v, c in s.decay:
         for k, x in ((ren[v], c), (lo[0], -c), ("1", -c * (1 + lo[1]))):
             lin[k] = lin.get(k, Fraction(0)) + x
-    parts = [[PSum(Fraction(1), (), tuple(cons), tuple(sorted((k, x) for k, x in lin.items() if x)))]]
-    k = 0
-    for sl in s.slots:
-        if sl[0] == "h":
-            parts.append(fillers[k])
-            k += 1
-        else:
-            parts.append([PSum(Fraction(1), (("f", sl[1], ren[sl[2]]),), (), ())])
-    out = [PSum(Fraction(1), (), (), ())]
-    for p in parts:
-        out = [psum_mul(x, y) for x in out for y in p]
-    return out
+    base = PSum(Fraction(1), (), tuple(cons), tuple(sorted((k, x) for k, x in lin.items() if x)))
+    return with_slots(base, s.slots, ren, fillers)
 
 
 def _term_psums(term: GradTerm, fresh):
     """The term's own sum at output s = p1, every index in (p0, p2], read from its data."""
-    from .weights import PSum, bound_le
+    from .weights import bound_le, index_sum
     ren = {x: fresh() for x in term.indices if x != term.at}
-    pt = {x: (ren[x], 0) for x in ren}
-    pt[term.at] = ("p1", 0)
-    cons = [bound_le(pt[c.a], pt[c.b], c.op == "<") for c in term.constraints if c.op != "=="]
-    cons += [(pt[c.a][0], "==", pt[c.b][0]) for c in term.constraints if c.op == "=="]
-    for v in ren.values():
-        cons += [bound_le(("p0", 0), (v, 0), True), bound_le((v, 0), ("p2", 0))]
+    pos = {x: (v, 0) for x, v in ren.items()}
+    pos[term.at] = ("p1", 0)
     var_at = None
     if any(f.var == term.at for f in term.chain):   # factors at s itself: a var pinned to p1
         var_at = fresh()
-        cons += [bound_le((var_at, 0), ("p1", 0)), bound_le(("p1", 0), (var_at, 0))]
-    lin: dict = {}
-    for x, c in term.decay:
-        for k, y in ((pt[OUT][0], c), (pt[x][0], -c)):
-            lin[k] = lin.get(k, Fraction(0)) + y
     word = tuple(("f", f.in_vec + f.out_vec, var_at if f.var == term.at else ren[f.var]) for f in term.chain)
-    return [PSum(Fraction(1), word, tuple(cons), tuple(sorted((k, y) for k, y in lin.items() if y)))]
+    s = index_sum(word, term.constraints, term.decay, pos, ren.values(), "p2")
+    if var_at is not None:
+        s = dataclasses.replace(s, cons=s.cons + (bound_le((var_at, 0), ("p1", 0)), bound_le(("p1", 0), (var_at, 0))))
+    return [s]
 
 
 def _update_checks(syn) -> list:

@@ -84,9 +84,15 @@ def summary_psums(s: Summary, lo: tuple, hi: tuple, fillers: list, fresh: Fresh)
     for v, c in s.decay:
         lin = lin_add(lin, {hi[0]: c, "1": c * hi[1], ren[v]: -c})
     base = PSum(Fraction(1), (), tuple(cons), tuple(sorted(lin.items())))
+    return with_slots(base, s.slots, ren, fillers)
+
+
+def with_slots(base: PSum, slots, ren: dict, fillers: list) -> list[PSum]:
+    """`base` (the index constraints and decay) times a summary's word: its factors under
+    the names `ren`, each hole replaced by its filler (a list of PSums)."""
     parts = [[base]]
     k = 0
-    for sl in s.slots:
+    for sl in slots:
         if sl[0] == "h":
             parts.append(fillers[k])
             k += 1
@@ -98,22 +104,29 @@ def summary_psums(s: Summary, lo: tuple, hi: tuple, fillers: list, fresh: Fresh)
     return out
 
 
+def index_sum(word: tuple, constraints, decay, pos: dict, free, hi: str) -> PSum:
+    """One pattern sum written over index names: `pos` maps each name (the output 't'
+    among them) to its bound (symbol, offset), a fresh var or a point; the vars `free`
+    range over (p0, hi]; the γ exponent is Σ c (t − x) over `decay`."""
+    cons = [bound_le(pos[c.a], pos[c.b], c.op == "<") for c in constraints if c.op != "=="]
+    cons += [(pos[c.a][0], "==", pos[c.b][0]) for c in constraints if c.op == "=="]
+    for v in free:
+        cons += [bound_le(("p0", 0), (v, 0), True), bound_le((v, 0), (hi, 0))]
+    lin: dict = {}
+    for x, c in decay:
+        for k, y in ((pos["t"][0], c), (pos[x][0], -c)):
+            lin[k] = lin.get(k, Fraction(0)) + y
+    return PSum(Fraction(1), word, tuple(cons), tuple(sorted((k, y) for k, y in lin.items() if y)))
+
+
 def pattern_psums(p, fresh) -> list[PSum]:
     """The Pattern's own sum over the prefix (p0, p1], t = p1, read straight from its
     slots, constraints and decay (no summary in between)."""
     ren = {x: fresh() for x in p.indices}
-    ren["t"] = "p1"
-    cons = [bound_le((ren[c.a], 0), (ren[c.b], 0), c.op == "<") for c in p.constraints if c.op != "=="]
-    cons += [(ren[c.a], "==", ren[c.b]) for c in p.constraints if c.op == "=="]
-    for x in p.indices:
-        cons += [bound_le(("p0", 0), (ren[x], 0), True), bound_le((ren[x], 0), ("p1", 0))]
-    lin = {}
-    for x, c in p.decay_coeffs:
-        if c:
-            lin[ren[x]] = lin.get(ren[x], 0) - c
-            lin["p1"] = lin.get("p1", 0) + c
+    pos = {x: (v, 0) for x, v in ren.items()}
+    pos["t"] = ("p1", 0)
     word = tuple(("f", s.factor, ren[s.var]) for s in p.slots)
-    return [PSum(Fraction(1), word, tuple(cons), tuple(sorted((k, Fraction(v)) for k, v in lin.items() if v)))]
+    return [index_sum(word, p.constraints, p.decay_coeffs, pos, ren.values(), "p1")]
 
 
 def psum_mul(x: PSum, y: PSum) -> PSum:
