@@ -309,9 +309,8 @@ def vjp_streaming(mod, q, k, v, do, g, normalize, eps, chunk_size, be: Backend, 
     """(dq, dk, dv) from the gradient terms' streaming forms: each term's prefix states
     (forward in time) and suffix states (backward in time) met at every token."""
     T, d, dv = q.shape[0], q.shape[1], v.shape[1]
-    forward = _recurrent(mod, q, k, v, g, False, eps, chunk_size, None, be)[0], None
-    if normalize:
-        forward = forward[0], _recurrent_part(mod, "DEN", q, k, v, g, be)
+    forward = (_recurrent_part(mod, "NUM", q, k, v, g, be),
+               _recurrent_part(mod, "DEN", q, k, v, g, be) if normalize else None)
 
     def term_sum(part, wrt, vecs):
         dims = dict(d=d, dv=dv, do=vecs["o"].shape[1])
