@@ -243,3 +243,87 @@ def normwise_bound(dtype, *, o_ref, T, d, chunk_size, gamma, normalize=False, op
     rho = normwise_coefficient(dtype, T=T, d=d, chunk_size=chunk_size, gamma=gamma, normalize=normalize,
                                op=op, out_dtype=out_dtype)
     return rho * float(np.linalg.norm(o_ref)) + math.sqrt(o_ref.size) * ETA[out] / 2
+
+
+# ---------------------------------------------------------------------------
+# Backward (kernels/backward.py): gradients of L = sum_t do_t . o_t
+#
+# A gradient entry dL/dx_(s,c) is a positively weighted sum of products of entries of q, k,
+# v and do: each is a term of L (a closed chain of token factors) with one factor x_(s,c)
+# cut out (README, "Gradients"). The kernels form it through the backward chain: a stage's
+# VJP is three LAs (VJP_RULES: dq = LA(dN, b, a), da = LA~(b, dN, q), db = LA~(a, q, dN)),
+# reading the forward's stored intermediates (kt, vt) and writing the intermediate
+# cotangents (dkt, dvt) once in the operand format. So the forward argument applies
+# unchanged, with |op| replaced by the gradient evaluated on absolute values,
+#
+#     |g|abs = VJP(|q|, |k|, |v|, |do|)      (every term >= 0),
+#
+#     |g_hat - g| <= beta_b |g|abs + u_out (|g| + beta_b |g|abs) + eta_out / 2,
+#     1 + beta_b = (1 + gamma_m(u_op)) (1 + gamma_nb(u_acc)) (1 + gamma_nb(2^-53)).
+#
+# m, counted on the chain (property_tests/test_error_model.py counts it from CHAIN and
+# VJP_RULES): roundings along one product path add up over the operands an LA reads, plus
+# at most 2 of its own (the C x C weights, or the decayed key and the carry as the operand
+# of Q X0), plus 1 where the result is stored in the operand format (kt, vt, dkt, dvt; the
+# gradients are stored in the input dtype: u_out). Forward: kt 0+0+2+1 = 3, HLA2's output
+# 3+2 = 5. Backward of HLA2: dq from the output stage LA(do, v, kt) 0+0+3+2 = 5, dv =
+# LA~(kt, q, do) 5, dkt = LA~(v, do, q) 2+1 = 3, then the key stage's three rules 3+2 = 5;
+# AHLA likewise 5; HLA3: dq = LA(do, vt, kt) 0+3+3+2 = 8, dkt, dvt 6, the first two
+# stages' rules 6+2 = 8. The backward's m is the forward's (a gradient term passes every
+# stage once: as the forward LA that makes the intermediate it reads, or as one of that
+# stage's rules), so backward_operand_roundings = operand_roundings: 6, HLA3 9.
+#
+# nb: along one term the backward passes the same index differences as the forward term
+# it is cut from (e.g. HLA2's dk_j via dkt_u = sum_{t >= u} ...: (t - u) + (u - j) steps),
+# with the same stage powers, the same two per-token decay factors and two dots per LA
+# (over d or dv, and over C): the forward's n at head size max(d, dv). A gradient written
+# by several rules (dq: one per stage; dk of a key stage: both of its rules and any stage
+# keyed by k) is summed in an fp32 buffer, W - 1 more additions with W <= stages writers:
+#     nb = n(T, max(d, dv), C, g) + stages - 1.
+#
+# Scope: unnormalized operators, no initial state and no cotangent on the final state
+# (those add only more nonnegative terms of the same products, through the carry path the
+# model already counts, but are not tested against it). Normalized operators: the quotient
+# rule dD = -(do . o) / (D + eps) has terms of both signs, no claim.
+# Norm-wise, for nonnegative q, k, v, do: |g|abs = g, so ||g_hat - g|| <= (beta_b +
+# u_out (1 + beta_b)) ||g|| + sqrt(M) eta_out / 2 per head.
+
+CHAIN_STAGES = {None: 2, "hla2": 2, "ahla": 2, "hla3": 3}
+
+
+def backward_operand_roundings(op=None) -> int:
+    """m of the backward model: the forward's (counted on the backward chain, module notes)."""
+    return operand_roundings(op)
+
+
+def backward_accumulation_depth(T: int, d: int, chunk_size: int, gamma: float, op=None, dv=None) -> float:
+    """nb = n(T, max(d, dv), C, gamma) + stages - 1 (the fp32 sums of a gradient's writers)."""
+    w = max(d, dv or d)
+    return accumulation_depth(T, w, chunk_size, gamma, op=op) + CHAIN_STAGES[op] - 1
+
+
+def backward_beta(dtype, T: int, d: int, chunk_size: int, gamma: float, op=None, dv=None) -> float:
+    """beta_b: relative (to |g|abs) error coefficient of a kernel gradient (unnormalized)."""
+    name = str(dtype).replace("torch.", "")
+    u_op = OPERAND_ROUNDOFF[name]
+    u_acc = UNIT_ROUNDOFF["float64"] if name == "float64" else UNIT_ROUNDOFF["float32"]
+    n = backward_accumulation_depth(T, d, chunk_size, gamma, op=op, dv=dv)
+    m = backward_operand_roundings(op)
+    return (1 + _gam(m, u_op)) * (1 + _gam(n, u_acc)) * (1 + _gam(n, UNIT_ROUNDOFF["float64"])) - 1
+
+
+def gradient_bound(dtype, *, g_ref, g_abs, T, d, chunk_size, gamma, op=None, dv=None):
+    """Element-wise bound on |g_kernel - g_ref| (one gradient, any shape): g_ref the exact
+    (float64) gradient, g_abs the gradient evaluated on |q|, |k|, |v|, |do|."""
+    name = str(dtype).replace("torch.", "")
+    u_out = unit_roundoff(name)
+    b = backward_beta(name, T, d, chunk_size, gamma, op=op, dv=dv)
+    e = b * np.asarray(g_abs, dtype=np.float64)
+    return e + u_out * (np.abs(np.asarray(g_ref, dtype=np.float64)) + e) + ETA[name] / 2
+
+
+def backward_normwise_coefficient(dtype, *, T, d, chunk_size, gamma, op=None, dv=None) -> float:
+    """rho_b: ||g_hat - g||_2 <= rho_b ||g||_2 + sqrt(M) eta_out / 2 per head, for q, k, v, do >= 0."""
+    name = str(dtype).replace("torch.", "")
+    b = backward_beta(name, T, d, chunk_size, gamma, op=op, dv=dv)
+    return b + unit_roundoff(name) * (1 + b)
