@@ -1,7 +1,8 @@
 """Benchmark: HLA kernels vs first-order fla, SDPA and a plain-PyTorch chunked HLA2.
 
     python -m kernels.bench [--out DIR] [--quick]
-    python -m kernels.bench --train [--train-shapes '16384,128;4096,64']   (forward+backward)
+    python -m kernels.bench --train [--train-shapes '16384,128;4096,64']   (forward+backward;
+        default T in {4K, 16K} x d in {64, 128}; rows bench_train.json, plot bench_train.png)
 
 bf16 inputs, B=4, H=16, T in {4096, 16384}, d = dv in {64, 128}, decay gamma = 0.99
 (every method that takes a decay gets it). first_order_la is the chained building block
@@ -68,12 +69,16 @@ def state_bytes_per_head(op, d, dv=None):
     return 4 * {"chunk_hla2": d * d + d * dv, "chunk_ahla": 2 * d * dv, "chunk_hla3": d * d + 2 * d * dv}[op]
 
 
-def torch_chunked_hla2(q, k, v, gamma, chunk=C):
+def torch_chunked_hla2(q, k, v, gamma, chunk=C, collect=False):
     """Plain-PyTorch chunked HLA2 (batched matmuls, fp32 state, bf16 operands).
 
     The direct chunk form of the HLA2 carry (S = KK, X = KK_QV): local C x C weights for
     all chunks at once, then a Python loop over chunks for S (d x d) and X (d x dv), with
     the d x d x dv product S0 M per chunk that the LA chain of kernels/hla2.py avoids.
+    collect=False (the forward benchmark) writes each chunk's output into one tensor in
+    place; collect=True (torch_chunked_hla2_autograd) keeps them in a list and
+    concatenates once, what a user training through it would write (autograd of the
+    in-place form copies the whole output's gradient at every chunk).
     """
     Bq, T, Hq, d = q.shape
     dv = v.shape[-1]
@@ -102,15 +107,27 @@ def torch_chunked_hla2(q, k, v, gamma, chunk=C):
     dS = ((K.float() * gk).to(dt).transpose(-1, -2) @ K).float()
     S = torch.zeros(Bq, Hq, d, d, device=q.device)
     X = torch.zeros(Bq, Hq, d, dv, device=q.device)
-    o = torch.empty(Bq, Hq, N, chunk, dv, device=q.device, dtype=dt)
+    o = [] if collect else torch.empty(Bq, Hq, N, chunk, dv, device=q.device, dtype=dt)
     for c in range(N):
         Qc = Q[:, :, c]
         QS = (Qc @ S.to(dt)).float()
         A = A3[:, :, c] + (QS.to(dt) @ Qc.transpose(-1, -2)).float() * D1
-        o[:, :, c] = (b2 * (Qc @ X.to(dt)).float() + (A.to(dt) @ V[:, :, c]).float()).to(dt)
+        oc = (b2 * (Qc @ X.to(dt)).float() + (A.to(dt) @ V[:, :, c]).float()).to(dt)
+        if collect:
+            o.append(oc)
+        else:
+            o[:, :, c] = oc
         X = gC * gC * X + (S.to(dt) @ M[:, :, c].to(dt)).float() + KUV[:, :, c]
         S = gC * S + dS[:, :, c]
+    if collect:
+        o = torch.stack(o, 2)
     return o.permute(0, 2, 3, 1, 4).reshape(Bq, T, Hq, dv)
+
+
+def torch_chunked_hla2_autograd(q, k, v, gamma, chunk=C):
+    """torch_chunked_hla2 without in-place writes (chunk outputs collected, stacked once):
+    the plain-torch baseline of the training rows (python -m kernels.bench --train)."""
+    return torch_chunked_hla2(q, k, v, gamma, chunk, collect=True)
 
 
 def train(args):
@@ -118,9 +135,10 @@ def train(args):
     run), forward-only time (no_grad), and peak GPU memory of one step (inputs and their
     gradients included; `extra` = peak minus what was allocated before the step).
     Methods: chunk_hla2 / chunk_ahla / chunk_hla3 (kernels/backward.py), autograd through
-    the plain-torch chunked HLA2 (torch_chunked_hla2), SDPA causal, and with fla importable
-    its chunk_simple_gla with the per-head decay g_gamma (ungated: fla 0.6 refuses the
-    per-token-gate backward on Hopper with Triton < 3.7.1, its issue #640) and without,
+    the plain-torch chunked HLA2 without in-place writes (torch_chunked_hla2_autograd;
+    torch_chunked_hla2, the in-place form, with --train-inplace-baseline), SDPA causal, and
+    with fla importable its chunk_simple_gla with the per-head decay g_gamma (ungated: fla
+    0.6 refuses the per-token-gate backward on Hopper with Triton < 3.7.1, its issue #640),
     and HLA2 chained on fla (kt = chunk_simple_gla(q, k, k, g_gamma), o = chunk_simple_gla(q,
     kt, v, 2 g_gamma))."""
     import triton
@@ -138,15 +156,21 @@ def train(args):
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v, do = (torch.randn(1, 2048, 2, 64, device=dev, generator=g, dtype=torch.bfloat16) * 0.125
                    for _ in range(4))
-    for nm in ("chunk_hla2", "chunk_ahla", "chunk_hla3"):
-        fn = getattr(kernels, nm)
+    checks, la_rows = {}, []
+    for nm in ("chunk_hla2", "chunk_ahla", "chunk_hla3", "torch_chunked_hla2_autograd"):
+        fn = getattr(kernels, nm, None)
         res = []
         for dt in (torch.float64, torch.bfloat16):
             xs = [x.detach().clone().to(dt).requires_grad_(True) for x in (q, k, v)]
-            o, _ = fn(*xs, gamma=GAMMA)
+            if fn is None:  # the plain-torch baseline against the float64 kernel
+                o = (kernels.chunk_hla2(*xs, gamma=GAMMA)[0] if dt == torch.float64
+                     else torch_chunked_hla2_autograd(*xs, GAMMA))
+            else:
+                o, _ = fn(*xs, gamma=GAMMA)
             (o * do.to(dt)).sum().backward()
             res.append([x.grad.double() for x in xs])
         errs = [((b - a).norm() / a.norm()).item() for a, b in zip(*res)]
+        checks[nm] = dict(dq=errs[0], dk=errs[1], dv=errs[2])
         print(f"[train] check {nm} bf16 grads vs float64 kernel grads (T=2048, d=64): rel err dq {errs[0]:.2e} "
               f"dk {errs[1]:.2e} dv {errs[2]:.2e}", flush=True)
     rows = []
@@ -166,6 +190,7 @@ def train(args):
                       ("LA reversed, fp32 query in, fp32 accumulate", lambda: la(dq32, k, v, 1, reverse=True,
                                                                                   out=dq32, acc=dq32))):
             ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+            la_rows.append(dict(T=T, d=d, launch=nm, ms=ms))
             print(f"[train] T={T} d={d} one {nm}: {ms:.3f} ms", flush=True)
         del q, k, v, p, la, dq32
     for T, d in shapes:
@@ -178,9 +203,11 @@ def train(args):
             "chunk_hla2": lambda q, k, v: kernels.chunk_hla2(q, k, v, gamma=GAMMA, check_finite=False)[0],
             "chunk_ahla": lambda q, k, v: kernels.chunk_ahla(q, k, v, gamma=GAMMA, check_finite=False)[0],
             "chunk_hla3": lambda q, k, v: kernels.chunk_hla3(q, k, v, gamma=GAMMA, check_finite=False)[0],
-            "torch_chunked_hla2": lambda q, k, v: torch_chunked_hla2(q, k, v, GAMMA),
+            "torch_chunked_hla2_autograd": lambda q, k, v: torch_chunked_hla2_autograd(q, k, v, GAMMA),
             "sdpa_causal": lambda q, k, v: sdpa(bhtd(q), bhtd(k), bhtd(v), is_causal=True),
         }
+        if args.train_inplace_baseline:
+            methods["torch_chunked_hla2"] = lambda q, k, v: torch_chunked_hla2(q, k, v, GAMMA)
         if chunk_simple_gla is not None:
             methods["fla_chunk_simple_gla"] = lambda q, k, v: chunk_simple_gla(q, k, v, g_gamma=glog)[0]
             methods["fla_chained_hla2"] = lambda q, k, v: chunk_simple_gla(
@@ -221,8 +248,12 @@ def train(args):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_train.json"), "w") as fh:
         json.dump(dict(gpu=name, torch=torch.__version__, triton=triton.__version__, B=B, H=H, gamma=GAMMA,
-                       rows=rows), fh, indent=1)
+                       rows=rows, checks=checks, la_rows=la_rows), fh, indent=1)
     print_train_table(rows)
+    try:
+        plot_train(rows, os.path.join(args.out, "bench_train.png"), name)
+    except Exception as exc:  # noqa: BLE001
+        print(f"[train] plot failed: {exc!r}")
 
 
 def print_train_table(rows):
@@ -238,11 +269,41 @@ def print_train_table(rows):
     sys.stdout.flush()
 
 
+def plot_train(rows, path, gpu):
+    """docs/bench_train.png: forward+backward time (left) and peak memory (right) per shape."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = sorted({(r["T"], r["d"]) for r in rows}, key=lambda s: (s[1], s[0]))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["T"], r["d"], r["method"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    w = 0.8 / len(methods)
+    for ax, key, lab in ((axes[0], "fwdbwd_ms", "forward+backward ms (median, log scale)"),
+                         (axes[1], "peak_gib", "peak memory of one step, GiB (log scale)")):
+        for i, m in enumerate(methods):
+            ax.bar([j + i * w for j in range(len(shapes))],
+                   [by[(T, d, m)][key] if (T, d, m) in by else float("nan") for T, d in shapes], w, label=m)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(shapes))])
+        ax.set_xticklabels([f"T={T // 1024}K, d={d}" for T, d in shapes])
+        ax.set_yscale("log")
+        ax.set_ylabel(lab)
+        ax.grid(axis="y", alpha=.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"training step (forward+backward), bf16, B={B}, H={H}, gamma={GAMMA} on {gpu}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"[train] plot saved to {path}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs")
     ap.add_argument("--train", action="store_true", help="forward+backward rows (time, peak memory) instead")
-    ap.add_argument("--train-shapes", default="16384,128", help="'T,d;T,d' for --train")
+    ap.add_argument("--train-shapes", default="4096,64;16384,64;4096,128;16384,128", help="'T,d;T,d' for --train")
+    ap.add_argument("--train-inplace-baseline", action="store_true",
+                    help="--train: also the in-place plain-torch HLA2 (autograd of it takes ~1.6 s at 16K, 128)")
+    ap.add_argument("--train-plot", default=None, metavar="JSON", help="only plot a saved bench_train.json")
     ap.add_argument("--quick", action="store_true", help="only (4096, 64)")
     ap.add_argument("--block-v", type=int, default=None)
     ap.add_argument("--num-warps", type=int, default=None)
@@ -252,6 +313,11 @@ def main(argv=None):
     ap.add_argument("--table", default=None, metavar="JSON", help="only print the table of a saved bench.json")
     ap.add_argument("--train-table", default=None, metavar="JSON", help="only print the table of a saved bench_train.json")
     args = ap.parse_args(argv)
+    if args.train_plot:
+        with open(args.train_plot) as fh:
+            j = json.load(fh)
+        plot_train(j["rows"], os.path.join(os.path.dirname(args.train_plot), "bench_train.png"), j["gpu"])
+        return
     if args.train_table:
         with open(args.train_table) as fh:
             print_train_table(json.load(fh)["rows"])
@@ -350,6 +416,8 @@ def main(argv=None):
             "sdpa_causal": (lambda: sdpa(qh, kh, vh, is_causal=True), flops_sdpa(T, d)),
             "torch_chunked_hla2": (lambda: torch_chunked_hla2(q, k, v, GAMMA), flops_hla2(T, d)),
         }
+        if args.train_inplace_baseline:
+            methods["torch_chunked_hla2"] = lambda q, k, v: torch_chunked_hla2(q, k, v, GAMMA)
         if chunk_simple_gla is not None:
             methods["fla_chunk_simple_gla"] = (lambda: chunk_simple_gla(q, k, v, g_gamma=glog),
                                                flops_simple_gla(T, d))
