@@ -20,6 +20,9 @@ def _op(name, expr, where, decay, definition, summary):
 
 
 OPERATORS = {op.name: op for op in [
+    _op("la", "dot(q_t,k_j) * v_j", "j <= t", "t-j", Matrix("W @ V"),
+        "first order: linear attention with a scalar decay, the building block every kernel chain "
+        "is made of (kernels/gla.py) and whose ⊕ joins context-parallel ranks (kernels/cp.py)"),
     _op("hla2", "dot(q_t,k_i) * dot(k_i,q_j) * v_j", "i <= j <= t", "(t-i) + (t-j)",
         Matrix("((W @ W.T) * L) @ V"), "second order, symmetric, masked (paper §3.1, Thm 3.1)"),
     _op("hla2_unmasked", "dot(q_t,k_i) * dot(k_i,q_j) * v_j", "i <= t, j <= t", "(t-i) + (t-j)",

@@ -28,14 +28,14 @@ CHAIN = (Stage("KV", key="k", value="v", power=1, side="K1"),
 
 def chunk_ahla(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
                output_final_state=False, cu_seqlens=None, check_finite=True,
-               block_v=None, num_warps=None, num_stages=None, segment_chunks=None):
+               block_v=None, num_warps=None, num_stages=None, segment_chunks=None, cp_group=None):
     """Chunked AHLA. Returns (o [B,T,H,dv], AHLAState or None). See chunk_hla2 (gamma,
     scale, autograd, autocast)."""
     return chain_apply(CHAIN, AHLAState, "chunk", q, k, v, gamma=gamma, scale=scale, normalize=normalize,
                        eps=eps, chunk_size=chunk_size, initial_state=initial_state,
                        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                        check_finite=check_finite, block_v=block_v, num_warps=num_warps,
-                       num_stages=num_stages, segment_chunks=segment_chunks)
+                       num_stages=num_stages, segment_chunks=segment_chunks, cp_group=cp_group)
 
 
 def fused_recurrent_ahla(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64,

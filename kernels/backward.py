@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import cp
 from ._common import _is_real
 from .gla import forward_chain, setup_chain
 
@@ -107,6 +108,7 @@ class _Config(NamedTuple):
     knobs: dict
     state: object       # the initial state with its tensor fields taken out (None placeholders)
     state_idx: tuple    # positions of the tensor fields passed to apply
+    cp_group: object    # torch.distributed group splitting the sequence (kernels/cp.py) or None
 
 
 class ChainFunction(torch.autograd.Function):
@@ -124,6 +126,12 @@ class ChainFunction(torch.autograd.Function):
             p, st, fin, la = setup_chain(cfg.chain, cfg.state_cls, cfg.mode, q, k, v, cfg.gamma, cfg.normalize,
                                          cfg.eps, cfg.chunk_size, state, cfg.output_final_state,
                                          cfg.cu_seqlens, cfg.check_finite, **cfg.knobs)
+            if cfg.cp_group is not None:
+                need = ctx.needs_input_grad
+                la.cp = cp.setup(cfg.cp_group, cp.chain_id(cfg.chain), p, q, normalize=cfg.normalize, eps=cfg.eps,
+                                 scale=cfg.scale, chunk_size=cfg.chunk_size,
+                                 output_final_state=cfg.output_final_state, has_init=bool(cfg.state_idx),
+                                 init_grad=any(need[4:]), needs=need[1] + 2 * need[2] + 4 * need[3])
             if cfg.scale != 1.0:
                 p["q"] = (p["q"] * cfg.scale).contiguous()
             o, out = forward_chain(cfg.chain, la, p, st, fin, cfg.normalize, cfg.eps, keep_side=True)
@@ -193,6 +201,8 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
     B, T = p["B"], p["T"]
     final_dtype = {"q": p["k"].dtype, "k": p["k"].dtype, "v": p["k"].dtype}
     has_init = {s.state: need["init"] and st.get(s.state) is not None for s in chain}
+    if la.cp is not None:  # every rank plans the launches rank 0 needs (each one exchanges carries)
+        has_init = {s.state: la.cp.init_grad for s in chain}
     steps = _plan(chain, need, has_init)
     writers = {}
     for _, _, tgt in steps:
@@ -257,7 +267,7 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
             elif side is not None:
                 init = (init[0], X1.contiguous())
         final = (None, None)
-        if gives_init and has_init[s.state]:
+        if gives_init and has_init[s.state] and X0 is not None:
             final = (torch.empty_like(X0), torch.empty_like(X10) if side is not None else None)
         # where the output goes (see the docstring)
         written[tgt] += 1
@@ -287,7 +297,7 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
 
 
 def chain_apply(chain, state_cls, mode, q, k, v, *, gamma, scale, normalize, eps, chunk_size, initial_state,
-                output_final_state, cu_seqlens, check_finite, **knobs):
+                output_final_state, cu_seqlens, check_finite, cp_group=None, **knobs):
     """The public functions' body: (o, final state or None) with the chain's backward
     attached (q, k, v, the initial state's tensors; cotangents on the final state flow back)."""
     if isinstance(gamma, torch.Tensor) and gamma.requires_grad and torch.is_grad_enabled():
@@ -295,6 +305,7 @@ def chain_apply(chain, state_cls, mode, q, k, v, *, gamma, scale, normalize, eps
             "gamma requires grad, but the decay is a constant of the HLA kernels (no gradient with "
             "respect to gamma is computed). Pass gamma.detach() or a float")
     scale = check_scale(scale)
+    cp.check_mode(mode, cp_group)
     q, k, v = _autocast(q, k, v)
     state, idx, fields = initial_state, (), ()
     if isinstance(initial_state, tuple) and hasattr(initial_state, "_fields"):
@@ -303,7 +314,7 @@ def chain_apply(chain, state_cls, mode, q, k, v, *, gamma, scale, normalize, eps
         fields = tuple(vals[i] for i in idx)
         state = type(initial_state)(*[None if i in idx else x for i, x in enumerate(vals)])
     cfg = _Config(chain, state_cls, mode, gamma, scale, normalize, eps, chunk_size, output_final_state,
-                  cu_seqlens, check_finite, knobs, state, idx)
+                  cu_seqlens, check_finite, knobs, state, idx, cp_group)
     res = ChainFunction.apply(cfg, q, k, v, *fields)
     o = res[0]
     if not output_final_state:

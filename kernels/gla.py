@@ -384,6 +384,7 @@ class Chain:
         self.mid_dtype = buf_dtype(self.fmt[0]) if mode == "chunk" else p["sdt"]
         self.knobs = dict(block_v=block_v, num_warps=num_warps, num_stages=num_stages)
         self.segment_chunks = segment_chunks
+        self.cp = None  # kernels/cp.py: ContextParallel when the sequence is split across ranks
         self._decays = {}
 
     def decay(self, power: int):
@@ -479,17 +480,32 @@ class Chain:
         ns = d == 1 or dv == 1
         dx = dx1 = dxr = dummy
         consts = dict(BK=BK, BV=BV, C=C, DOT=DOT, PREC=PREC, TABLE=TABLE)
-        if nseg > 1:
-            dx = torch.empty((N, H, nseg - 1, d, dv), dtype=sdt, device=dev)
-            dx1 = torch.empty((N, H, nseg - 1, d), dtype=sdt, device=dev) if SIDE else dummy
-            dxr = torch.empty((N, H, nseg - 1, dv), dtype=sdt, device=dev) if QS else dummy
-            (_la_summary_kernel_ns if ns else _la_summary_kernel)[(nvb, N * H, nseg - 1)](
-                k, v, args["v1"], dx, dx1, log2g, table, args["cu"], k1, dxr, T, H, d, dv, SEG, nseg - 1,
+        # summaries of the segments before the last; across ranks the last one's too (the
+        # slice's summary is what the ranks exchange, kernels/cp.py)
+        nsum = nseg if self.cp is not None else nseg - 1
+        if nsum > 0:
+            dx = torch.empty((N, H, nsum, d, dv), dtype=sdt, device=dev)
+            dx1 = torch.empty((N, H, nsum, d), dtype=sdt, device=dev) if SIDE else dummy
+            dxr = torch.empty((N, H, nsum, dv), dtype=sdt, device=dev) if QS else dummy
+            (_la_summary_kernel_ns if ns else _la_summary_kernel)[(nvb, N * H, nsum)](
+                k, v, args["v1"], dx, dx1, log2g, table, args["cu"], k1, dxr, T, H, d, dv, SEG, nsum,
                 SIDE=SIDE, VARLEN=flags["VARLEN"], ACC=flags["ACC"], REV=flags["REV"], QS=QS, KS=flags["KS"],
                 **consts, **launch)
+        if self.cp is not None:
+            # this rank's own carry (init: the caller's, on rank 0 / a final-state cotangent)
+            # becomes the carry at its slice's start, folded over the other ranks
+            parts = [("x0", dx, init[0])]
+            if SIDE:
+                parts.append(("x1_0", dx1, init[1]))
+            if QS:
+                parts.append(("xr0", dxr, xr_init))
+            got = self.cp.carry_in(p["g64"] ** power, SEG, [x for _, x, _ in parts], [b for _, _, b in parts],
+                                   shift=bool(shift), reverse=bool(reverse))
+            args.update({name: x for (name, _, _), x in zip(parts, got)})
+            flags.update(HAS_INIT=True, SHIFT=bool(shift))
         (_la_chunk_kernel_ns if ns else _la_chunk_kernel)[(nvb, N * H, nseg)](
             q, k, v, o, log2g_ptr=log2g, pow_ptr=table, dx=dx, dx1=dx1, dxr=dxr, T=T, H=H, D=d, DV=dv,
-            SEG=SEG, NSUM=nseg - 1, **args, **flags, **consts, **launch)
+            SEG=SEG, NSUM=nsum, **args, **flags, **consts, **launch)
         return o, (o1 if side_out else None)
 
 

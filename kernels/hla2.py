@@ -29,7 +29,7 @@ CHAIN = (Stage("KK", key="k", value="k", power=1),
 
 def chunk_hla2(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
                output_final_state=False, cu_seqlens=None, check_finite=True,
-               block_v=None, num_warps=None, num_stages=None, segment_chunks=None):
+               block_v=None, num_warps=None, num_stages=None, segment_chunks=None, cp_group=None):
     """Chunked HLA2. Returns (o [B,T,H,dv], HLA2State or None).
 
     gamma: None (no decay), float in (0, 1], or tensor [H]; a constant (a gamma tensor that
@@ -48,12 +48,18 @@ def chunk_hla2(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chu
     Under torch.autocast the kernels compute in the autocast dtype: float32 / float16 /
     bfloat16 inputs are cast to it (float64 is left alone), o comes back in it, states in
     fp32, and the gradients in the inputs' dtypes.
+    cp_group: a torch.distributed process group splitting the sequence across its ranks
+    (kernels/cp.py): each rank passes its own contiguous slice (rank order = sequence
+    order, any lengths >= 1, the same B, H, d, dv, dtype, gamma, normalize, eps, scale on
+    every rank), gets the output of its slice as if the whole sequence ran on one device,
+    and a final state at the end of its slice; initial_state is taken on rank 0 only. Not
+    with cu_seqlens. The backward exchanges carries too: every rank must run it.
     """
     return chain_apply(CHAIN, HLA2State, "chunk", q, k, v, gamma=gamma, scale=scale, normalize=normalize,
                        eps=eps, chunk_size=chunk_size, initial_state=initial_state,
                        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                        check_finite=check_finite, block_v=block_v, num_warps=num_warps,
-                       num_stages=num_stages, segment_chunks=segment_chunks)
+                       num_stages=num_stages, segment_chunks=segment_chunks, cp_group=cp_group)
 
 
 def fused_recurrent_hla2(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64,

@@ -32,7 +32,7 @@ CHAIN = (Stage("KK", key="k", value="k", power=1),
 
 def chunk_hla3(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64, initial_state=None,
                output_final_state=False, cu_seqlens=None, check_finite=True,
-               block_v=None, num_warps=None, num_stages=None, segment_chunks=None):
+               block_v=None, num_warps=None, num_stages=None, segment_chunks=None, cp_group=None):
     """Chunked HLA3. Returns (o [B,T,H,dv], HLA3State or None).
 
     Same contract as kernels.chunk_hla2 (scale, autograd, autocast): gamma None / float in (0, 1] / tensor [H];
@@ -43,7 +43,7 @@ def chunk_hla3(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chu
                        eps=eps, chunk_size=chunk_size, initial_state=initial_state,
                        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                        check_finite=check_finite, block_v=block_v, num_warps=num_warps,
-                       num_stages=num_stages, segment_chunks=segment_chunks)
+                       num_stages=num_stages, segment_chunks=segment_chunks, cp_group=cp_group)
 
 
 def fused_recurrent_hla3(q, k, v, *, gamma=None, scale=1.0, normalize=False, eps=1e-6, chunk_size=64,
