@@ -192,7 +192,51 @@ def train(args):
             ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
             la_rows.append(dict(T=T, d=d, launch=nm, ms=ms))
             print(f"[train] T={T} d={d} one {nm}: {ms:.3f} ms", flush=True)
-        del q, k, v, p, la, dq32
+        # a stage's key and value rules: two reversed launches against one fused launch
+        # (kernels/backward_pair.py), for the output stage of HLA2 (a = kt, b = v, both
+        # outputs bf16) and its key stage (a = b = k, one output da + db: two launches
+        # accumulate in fp32 and convert, the fused one writes bf16 at once)
+        from kernels.backward_pair import reversed_pair
+        dn = torch.randn(B, T, H, d, device=dev, dtype=torch.bfloat16) * d ** -0.5
+        bf = torch.bfloat16
+
+        def two_out():
+            la(v, dn, q, 2, reverse=True, out_dtype=bf)
+            la(k, q, dn, 2, reverse=True, out_dtype=bf)
+
+        def two_key():
+            acc = la(k, dn, q, 1, reverse=True, out_dtype=torch.float32)[0]
+            la(k, q, dn, 1, reverse=True, acc=acc, out_dtype=bf)
+        cases = [("two reversed LAs (output stage)", two_out), ("two reversed LAs (key stage, fp32 acc)", two_key)]
+        for nw, ns in ([(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)] if T >= 16384 else [(8, 2)]):
+            cases.append((f"fused pair (output stage) warps={nw} stages={ns}",
+                          lambda nw=nw, ns=ns: reversed_pair(la, q, k, v, dn, 2, dtype_a=bf, dtype_b=bf,
+                                                             num_warps=nw, num_stages=ns)))
+            cases.append((f"fused pair (key stage) warps={nw} stages={ns}",
+                          lambda nw=nw, ns=ns: reversed_pair(la, q, k, k, dn, 1, same=True, dtype_a=bf,
+                                                             num_warps=nw, num_stages=ns)))
+        ref = (la(v, dn, q, 2, reverse=True, out_dtype=torch.float64)[0].float(),
+               la(k, q, dn, 2, reverse=True, out_dtype=torch.float64)[0].float())
+        ref_key = (la(k, dn, q, 1, reverse=True, out_dtype=torch.float64)[0]
+                   + la(k, q, dn, 1, reverse=True, out_dtype=torch.float64)[0]).float()
+        for nm, f in cases:
+            try:
+                if nm.startswith("fused pair (output"):
+                    x, y = f()
+                    err = max(((x.float() - r).norm() / r.norm()).item() for x, r in zip((x, y), ref))
+                elif nm.startswith("fused pair (key"):
+                    x = f()[0]
+                    err = ((x.float() - ref_key).norm() / ref_key.norm()).item()
+                else:
+                    f()
+                    err = float("nan")
+                ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+            except Exception as exc:  # noqa: BLE001
+                print(f"[train] T={T} d={d} {nm}: FAILED {str(exc)[:200]!r}", flush=True)
+                continue
+            la_rows.append(dict(T=T, d=d, launch=nm, ms=ms, rel_err=err))
+            print(f"[train] T={T} d={d} {nm}: {ms:.3f} ms (rel err vs two launches {err:.2e})", flush=True)
+        del q, k, v, p, la, dq32, dn
     for T, d in shapes:
         gen = torch.Generator(device=dev).manual_seed(T + d)
         q, k, v, do = (torch.randn(B, T, H, d, device=dev, generator=gen, dtype=torch.bfloat16) * d ** -0.5
