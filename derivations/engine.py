@@ -175,7 +175,8 @@ class Derivation:
         return reference_function(self, form, backend)
 
     def vjp_reference(self, form: str = "quadratic", backend: str = "numpy"):
-        """f(q, k, v, do, gamma=, normalize=, eps=, chunk_size=, dps=) -> (dq, dk, dv)."""
+        """f(q, k, v, do, gamma=, normalize=, eps=, chunk_size=, dps=, initial_state=None,
+        dstate=None) -> (dq, dk, dv), plus {name: gradient} of `initial_state` when given."""
         from .codegen import reference_function
         return reference_function(self, form, backend, vjp=True)
 

@@ -46,7 +46,14 @@ def gradient_section(d) -> str:
          "(forward in time) and a suffix state of tokens s+1..T (written ᴿ, read backward in time, "
          "from T down): `hla_core.vjp(op, q, k, v, do, form=...)` runs them (quadratic: every index "
          "tuple; recurrent: the two scans; chunked: both scans by chunks with ⊕). A suffix update "
-         "X[t] = … X[t+1] … adds token t to the state of the tokens after it.", ""]
+         "X[t] = … X[t+1] … adds token t to the state of the tokens after it.", "",
+         "State hand-off (`initial_state=`, `dstate=`; recurrent and chunked forms): every value "
+         "splits exactly into the monomials that hold an entry of the initial state and the rest; "
+         "the rest is the empty-prefix loss above, and the gradient of the first part plus "
+         "⟨dstate, final state⟩, with respect to q, k, v and the initial state, comes from reverse "
+         "mode through the generated one-token updates and readout (chunked: checkpoints from ⊕ "
+         "over chunk totals, then the reverse pass chunk by chunk; `hla_core.runtime.handoff_vjp`). "
+         "Checked against finite differences and autograd, not proved.", ""]
     for part, pat in (("numerator", d.pattern), ("denominator (v → 1)", d.pattern.denominator())):
         L += [f"### Gradient terms of the {part}", ""]
         for wrt, terms in all_gradient_terms(pat).items():

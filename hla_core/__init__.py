@@ -6,7 +6,8 @@
     o2 = hla_core.evaluate("ahla", q2, k2, v2, initial_state=state)   # continue the sequence
 
 Single head: q, k of shape (T, d), v of shape (T, dv); o of shape (T, dv).
-`hla_core.vjp(op, q, k, v, do, ...)` returns (dq, dk, dv) of Σ_t do_t · o_t.
+`hla_core.vjp(op, q, k, v, do, ...)` returns (dq, dk, dv) of Σ_t do_t · o_t (plus the
+gradient w.r.t. `initial_state=` when given; `dstate=` adds ⟨dstate, final state⟩ to the loss).
 `state` is the smallest carry the derivation gives, a dict of arrays (see
 docs/identities/<op>.md for each entry's meaning).
 """
@@ -39,12 +40,19 @@ def evaluate(op, q, k, v, *, form="recurrent", gamma=1.0, normalize=False, eps=1
 
 
 def vjp(op, q, k, v, do, *, form="quadratic", gamma=1.0, normalize=False, eps=1e-6,
-        chunk_size=16, backend="numpy", dps=50):
-    """(dq, dk, dv) of Σ_t do_t · o_t for operator `op` on one head, from the gradient terms
-    the engine derived (derivations/gradients.py). Only form='quadratic' so far: the
-    streaming (recurrent, chunked) forms of the gradient terms are not derived yet."""
+        chunk_size=16, backend="numpy", dps=50, initial_state=None, dstate=None):
+    """(dq, dk, dv) of Σ_t do_t · o_t + Σ_name ⟨dstate[name], final_state[name]⟩ for operator
+    `op` on one head, every form (quadratic, recurrent, chunked) in float64 or mpmath. The
+    empty-prefix part comes from the gradient terms the engine derived
+    (derivations/gradients.py); the part that involves `initial_state` or `dstate`, by reverse
+    mode through the generated updates and ⊕ (runtime.handoff_vjp). `initial_state` (a state
+    dict as `evaluate(..., return_state=True)` returns, the forward continuing from it) adds a
+    fourth element, {name: gradient} of the same shapes; `dstate` is a cotangent dict for the
+    final state. Either may be given alone; recurrent and chunked forms only (the quadratic
+    form starts from the empty prefix and refuses both with a ValueError)."""
     return runtime.vjp(module(op), q, k, v, do, form=form, gamma=gamma, normalize=normalize,
-                       eps=eps, chunk_size=chunk_size, backend=backend, dps=dps)
+                       eps=eps, chunk_size=chunk_size, backend=backend, dps=dps,
+                       initial_state=initial_state, dstate=dstate)
 
 
 def reference(op, form="recurrent", backend="numpy"):

@@ -305,12 +305,17 @@ def _side_states_chunked(side, vecs, g, be, dims, chunk_size, reverse):
     return out, {n: be.zeros(s) for n, s in _resolve(side["carry"], **dims).items()}
 
 
-def vjp_streaming(mod, q, k, v, do, g, normalize, eps, chunk_size, be: Backend, chunked: bool):
+def vjp_streaming(mod, q, k, v, do, g, normalize, eps, chunk_size, be: Backend, chunked: bool,
+                  initial_state=None, dstate=None):
     """(dq, dk, dv) from the gradient terms' streaming forms: each term's prefix states
-    (forward in time) and suffix states (backward in time) met at every token."""
+    (forward in time) and suffix states (backward in time) met at every token. With
+    `initial_state` and/or `dstate` (validated dicts), the hand-off part E is added
+    (`handoff_vjp`) and, with `initial_state`, its gradient is returned fourth."""
     T, d, dv = q.shape[0], q.shape[1], v.shape[1]
-    forward = (_recurrent_part(mod, "NUM", q, k, v, g, be),
-               _recurrent_part(mod, "DEN", q, k, v, g, be) if normalize else None)
+    S0 = None if initial_state is None else {n: be.array(a) for n, a in initial_state.items()}
+    dS = None if dstate is None else {n: be.array(a) for n, a in dstate.items()}
+    forward = (_recurrent_part(mod, "NUM", q, k, v, g, be, S0),
+               _recurrent_part(mod, "DEN", q, k, v, g, be, S0) if normalize else None)
 
     def term_sum(part, wrt, vecs):
         dims = dict(d=d, dv=dv, do=vecs["o"].shape[1])
@@ -328,13 +333,21 @@ def vjp_streaming(mod, q, k, v, do, g, normalize, eps, chunk_size, be: Backend, 
             rows = [vecs[gs.lead][s] @ gs.readout(pre[s], suf.get(s + 1, empty), g) for s in range(T)]
             acc = acc + np.stack(rows)
         return acc
-    return _vjp(mod, q, k, v, do, g, normalize, eps, be, term_sum, forward)
+    grads = _vjp(mod, q, k, v, do, g, normalize, eps, be, term_sum, forward)
+    if S0 is None and dS is None:
+        return grads
+    cot = _cotangents(mod, q, k, v, do, g, normalize, eps, be, *forward)
+    extra, dS0 = handoff_vjp(mod, q, k, v, cot, g, normalize, be, S0, dS, chunk_size, chunked)
+    grads = tuple(x + extra[n] for x, n in zip(grads, "qkv"))
+    return grads if S0 is None else grads + (dS0,)
 
 
-def _recurrent_part(mod, which, q, k, v, g, be):
-    """One part's unnormalized readout (N or D) by the serial recurrence."""
+def _recurrent_part(mod, which, q, k, v, g, be, initial_state=None):
+    """One part's unnormalized readout (N or D) by the serial recurrence (from the part's
+    entries of `initial_state` when given)."""
     part = getattr(mod, which)
-    state = {n: be.zeros(s) for n, s in state_shapes(part, q.shape[1], v.shape[1]).items()}
+    state = {n: be.zeros(s) if initial_state is None else initial_state[n]
+             for n, s in state_shapes(part, q.shape[1], v.shape[1]).items()}
     tv = {"q": q, "k": k}[mod.T_VEC]
     out = []
     for t in range(q.shape[0]):
@@ -344,19 +357,259 @@ def _recurrent_part(mod, which, q, k, v, g, be):
 
 
 def vjp(mod, q, k, v, do, *, form="quadratic", gamma=1.0, normalize=False, eps=1e-6,
-        chunk_size=16, backend="numpy", dps=50):
-    """(dq, dk, dv) of Σ_t do_t · o_t for a generated reference module. Single head."""
+        chunk_size=16, backend="numpy", dps=50, initial_state=None, dstate=None):
+    """(dq, dk, dv) of Σ_t do_t · o_t + Σ_name ⟨dstate[name], final_state[name]⟩ for a
+    generated reference module, the forward starting from `initial_state` (a state dict as
+    `evaluate(..., return_state=True)` returns; None: the empty prefix). With
+    `initial_state`, a fourth element: {name: gradient} of the same shapes. Single head.
+    The quadratic form starts from the empty prefix and returns no hand-off: it refuses
+    both (use form='recurrent' or 'chunked')."""
     V.check_options(normalize, eps, chunk_size, form, backend, dps)
     q, k, v = V.check_qkv(q, k, v)
     do = V.check_cotangent(do, (q.shape[0], v.shape[1]))
     V.check_gamma(gamma, mod.HAS_DECAY)
+    if form == "quadratic":
+        if initial_state is not None:
+            raise ValueError("initial_state: the quadratic form starts from the empty prefix; "
+                             "use form='recurrent' or form='chunked' to continue a state")
+        if dstate is not None:
+            raise ValueError("dstate: the quadratic VJP has no state hand-off; "
+                             "use form='recurrent' or form='chunked' for a final-state cotangent")
+    shapes = _merge_shapes(mod, normalize, q.shape[1], v.shape[1],
+                           "carry" if form == "chunked" else "state")
+    if initial_state is not None:
+        initial_state = V.check_state(initial_state, shapes, "initial_state")
+    if dstate is not None:
+        dstate = V.check_state(dstate, shapes, "dstate")
     be = Backend(backend, dps)
     with be.context():
         arr = [be.array(x) for x in (q, k, v, do)]
         if form == "quadratic":
             return vjp_quadratic(mod, *arr, be.scalar(gamma), normalize, eps, be)
         return vjp_streaming(mod, *arr, be.scalar(gamma), normalize, eps, chunk_size, be,
-                             chunked=form == "chunked")
+                             chunked=form == "chunked", initial_state=initial_state, dstate=dstate)
+
+
+# ---------------------------------------------------------------------------
+# State hand-off gradients (initial_state, dstate): reverse mode through generated code.
+#
+# With an initial state S0 the forward is the ⊕-combination of S0 (a prefix segment) with
+# the summaries of tokens 1..t, and each state entry is a polynomial in S0's entries and
+# the token factors (the generated `update`, `readout` and ⊕ are sums of products of
+# them). Split every value exactly as x = P + Z, where P collects the monomials that hold
+# at least one entry of S0 and Z the rest (the value from an empty prefix; the split is
+# closed under +, scalar ·, @ and einsum). The loss is then
+#     Σ_t do_t · Z-part of o_t                       — the derived gradient terms above
+#   + Σ_t do_t · P-part of o_t + ⟨dstate, S_T⟩       — E, the hand-off part
+# (per part N, D with the quotient-rule cotangents when normalized). E's gradient, with
+# respect to q, k, v and S0, comes from one reverse-mode pass over the generated per-token
+# `update` and `readout`, run on P/Z pairs: nothing is written per operator, any Pattern
+# the engine derives works, and no term of the derived gradient is recomputed or
+# subtracted. The chunked form takes its checkpoints (the pairs at chunk starts) from the
+# generated ⊕ over chunk totals, then runs the reverse pass chunk by chunk from the last,
+# each chunk handing the cotangent of its starting pair to the chunk before it (the
+# paper's reverse scan with checkpointing).
+
+class _Tape:
+    def __init__(self):
+        self.nodes = []
+
+
+class _Node:
+    """A value on the tape with its parents and each parent's pullback."""
+    __slots__ = ("val", "parents")
+
+    def __init__(self, tape, val, parents=()):
+        self.val, self.parents = val, parents
+        tape.nodes.append(self)
+
+
+def _n_add(tape, a, b):
+    if a is None or b is None:
+        return b if a is None else a
+    return _Node(tape, a.val + b.val, ((a, lambda c: c), (b, lambda c: c)))
+
+
+def _n_scale(tape, s, a):
+    return None if a is None else _Node(tape, s * a.val, ((a, lambda c: s * c),))
+
+
+def _n_einsum(tape, expr, ops):
+    """einsum of nodes and constant arrays; the pullback to operand i is the einsum of the
+    output cotangent with the other operands (every index of an operand is in the output or
+    in another operand, as in R.apply / R.chain / R.outer and matmul)."""
+    if any(o is None for o in ops):
+        return None
+    ins, out = expr.split("->")
+    subs = ins.split(",")
+    vals = [o.val if isinstance(o, _Node) else o for o in ops]
+    parents = []
+    for i, o in enumerate(ops):
+        if isinstance(o, _Node):
+            rest = [j for j in range(len(ops)) if j != i]
+            pull = ",".join([out] + [subs[j] for j in rest]) + "->" + subs[i]
+            parents.append((o, lambda c, pull=pull, rest=rest: np.einsum(pull, c, *(vals[j] for j in rest))))
+    return _Node(tape, np.einsum(expr, *vals), tuple(parents))
+
+
+class _Split:
+    """x = P + Z (see above): P, Z nodes on one tape, or None for an exact zero."""
+    __array_ufunc__ = None
+
+    def __init__(self, tape, P, Z):
+        self.tape, self.P, self.Z = tape, P, Z
+
+    def __add__(self, o):
+        t = self.tape
+        return _Split(t, _n_add(t, self.P, o.P), _n_add(t, self.Z, o.Z))
+
+    def __neg__(self):
+        return -1 * self
+
+    def __sub__(self, o):
+        return self + (-1 * o)
+
+    def __mul__(self, s):
+        if isinstance(s, _Split):
+            raise TypeError("state hand-off: a product of two summaries is written with @")
+        return _Split(self.tape, _n_scale(self.tape, s, self.P), _n_scale(self.tape, s, self.Z))
+
+    __rmul__ = __mul__
+
+    def __radd__(self, o):
+        if isinstance(o, (int, float)) and o == 0:
+            return self
+        return NotImplemented
+
+    def __matmul__(self, o):
+        return _split_einsum("ab,bc->ac", [self, o])
+
+    def __rmatmul__(self, o):
+        return _split_einsum("ab,bc->ac", [o, self])
+
+
+def _split_einsum(expr, ops):
+    """einsum of _Split operands (and constants), expanded multilinearly into P and Z."""
+    tape = next(o.tape for o in ops if isinstance(o, _Split))
+    pos = [i for i, o in enumerate(ops) if isinstance(o, _Split)]
+    P = Z = None
+    for choice in range(1 << len(pos)):
+        args = list(ops)
+        for b, i in enumerate(pos):
+            args[i] = ops[i].P if choice >> b & 1 else ops[i].Z
+        if choice:
+            P = _n_add(tape, P, _n_einsum(tape, expr, args))
+        else:
+            Z = _n_einsum(tape, expr, args)
+    return _Split(tape, P, Z)
+
+
+def _einsum(expr, *ops):
+    """np.einsum, or its P/Z expansion when generated code runs on _Split values."""
+    if any(isinstance(o, _Split) for o in ops):
+        return _split_einsum(expr, list(ops))
+    return np.einsum(expr, *ops)
+
+
+def _backward(tape, seeds):
+    """Reverse sweep: {id(node): cotangent} for every node the seeds reach."""
+    grads = {}
+
+    def acc(node, c):
+        k = id(node)
+        grads[k] = grads[k] + c if k in grads else c
+    for node, c in seeds:
+        if node is not None:
+            acc(node, c)
+    for node in reversed(tape.nodes):
+        c = grads.get(id(node))
+        if c is not None:
+            for parent, pull in node.parents:
+                acc(parent, pull(c))
+    return grads
+
+
+def _check_stream_is_carry(mod, normalize):
+    for _, part in _parts(mod, normalize):
+        if list(part["state"]) != list(part["carry"]):
+            raise NotImplementedError("state hand-off: this operator's chunk carry differs from its "
+                                      "streaming state; its hand-off gradients are not supported")
+
+
+def _handoff_segment(mod, normalize, vecs, cot, start, end_cot, g, be, lo, hi):
+    """Reverse pass over tokens lo..hi-1 from `start` ({name: (P, Z)} values, None = 0).
+    `end_cot` {name: (dP, dZ)} is the cotangent of the state after token hi-1. Returns
+    (E's gradient rows for q, k, v over lo..hi-1, {name: (dP, dZ)} of `start`)."""
+    tape = _Tape()
+    leaf = lambda x: None if x is None else _Node(tape, x)
+    first = {n: _Split(tape, leaf(P), leaf(Z)) for n, (P, Z) in start.items()}
+    rows = {x: [_Node(tape, vecs[x][t][None, :]) for t in range(lo, hi)] for x in "qkv"}
+    one = _Node(tape, be.ones((1, 1)))
+    parts = _parts(mod, normalize)
+    state, seeds = first, []
+    for j, t in enumerate(range(lo, hi)):
+        row = lambda x: one if x == "1" else rows[x][j]
+        new = {}
+        for key, part in parts:
+            F = {f: _Split(tape, None, _n_einsum(tape, "ia,ib->ab", [row(f[0]), row(f[1])]))
+                 for f in part["factors"]}
+            new.update(part["update"](state, F, g))
+        state = new
+        for key, part in parts:
+            o = _Split(tape, None, rows[mod.T_VEC][j]) @ part["readout"](state)
+            seeds.append((o.P, cot[key][t][None, :]))
+    for n, s in state.items():
+        dP, dZ = end_cot.get(n, (None, None))
+        if dP is not None:
+            seeds.append((s.P, dP))
+        if dZ is not None:
+            seeds.append((s.Z, dZ))
+    grads = _backward(tape, seeds)
+    pick = lambda node: None if node is None else grads.get(id(node))
+    out = {x: np.stack([pick(r)[0] if pick(r) is not None else be.zeros(r.val.shape[1]) for r in rows[x]])
+           for x in "qkv"}
+    return out, {n: (pick(s.P), pick(s.Z)) for n, s in first.items()}
+
+
+def _checkpoints(mod, normalize, q, k, v, g, be, chunk_size, start):
+    """The (P, Z) carry at every chunk start: the generated ⊕ of the carry with each
+    chunk's total summaries (as the forward chunked form)."""
+    T = q.shape[0]
+    out = [start]
+    carry = start
+    for lo in range(0, T - chunk_size, chunk_size):
+        hi = min(T, lo + chunk_size)
+        tape = _Tape()
+        leaf = lambda x: None if x is None else _Node(tape, x)
+        A = {n: _Split(tape, leaf(P), leaf(Z)) for n, (P, Z) in carry.items()}
+        nxt = {}
+        for _, part in _parts(mod, normalize):
+            B = {n: _Split(tape, None, _Node(tape, masked_sum(part["specs"][n], q[lo:hi], k[lo:hi], v[lo:hi],
+                                                              g, be, per_t=False)))
+                 for n in part["local"]}
+            nxt.update(part["combine"](A, B, g ** (hi - lo)))
+        carry = {n: (None if s.P is None else s.P.val, None if s.Z is None else s.Z.val) for n, s in nxt.items()}
+        out.append(carry)
+    return out
+
+
+def handoff_vjp(mod, q, k, v, cot, g, normalize, be, S0, dS, chunk_size, chunked):
+    """E's gradient (see above): ({'q', 'k', 'v'}: (T, dim) arrays, {name: dS0})."""
+    _check_stream_is_carry(mod, normalize)
+    T, d, dv = q.shape[0], q.shape[1], v.shape[1]
+    shapes = _merge_shapes(mod, normalize, d, dv, "state")
+    vecs = {"q": q, "k": k, "v": v}
+    start = {n: (None if S0 is None else S0[n], None) for n in shapes}
+    end_cot = {} if dS is None else {n: (dS[n], dS[n]) for n in shapes}
+    bounds = [(lo, min(T, lo + chunk_size)) for lo in range(0, T, chunk_size)] if chunked else [(0, T)]
+    starts = _checkpoints(mod, normalize, q, k, v, g, be, chunk_size, start) if chunked else [start]
+    grads = {x: [] for x in "qkv"}
+    for (lo, hi), st in reversed(list(zip(bounds, starts))):
+        rows, end_cot = _handoff_segment(mod, normalize, vecs, cot, st, end_cot, g, be, lo, hi)
+        for x in "qkv":
+            grads[x].insert(0, rows[x])
+    dS0 = {n: end_cot[n][0] if end_cot[n][0] is not None else be.zeros(s) for n, s in shapes.items()}
+    return {x: np.concatenate(r) for x, r in grads.items()}, dS0
 
 
 def apply(M, fillers, breaks):
@@ -371,7 +624,7 @@ def apply(M, fillers, breaks):
         subs.append("..." + m_ax[2 * k + 1] + "".join(inner) + m_ax[2 * k + 2])
         out += inner
     out.append(m_ax[-1])
-    return np.einsum(",".join(subs) + "->..." + "".join(out), M, *fillers)
+    return _einsum(",".join(subs) + "->..." + "".join(out), M, *fillers)
 
 
 def chain(values, breaks):
@@ -381,7 +634,7 @@ def chain(values, breaks):
         letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
         la = [next(letters) for _ in range(2 * b_out + 2)]
         lb = [la[-1]] + [next(letters) for _ in range(2 * b + 1)]
-        out = np.einsum(f"...{''.join(la)},...{''.join(lb)}->...{''.join(la[:-1] + lb[1:])}", out, x)
+        out = _einsum(f"...{''.join(la)},...{''.join(lb)}->...{''.join(la[:-1] + lb[1:])}", out, x)
         b_out += b
     return out
 
@@ -391,7 +644,7 @@ def outer(values, ranks):
     consecutive values stays open (any leading token axes broadcast)."""
     letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
     subs = ["".join(next(letters) for _ in range(r)) for r in ranks]
-    return np.einsum(",".join("..." + x for x in subs) + "->..." + "".join(subs), *values)
+    return _einsum(",".join("..." + x for x in subs) + "->..." + "".join(subs), *values)
 
 
 def eye(n):

@@ -548,6 +548,28 @@ ENGINE_DEFECTS: list[Mutant] = [
         (GRADS,),
         "the derivative certificate reads the pattern's decay instead of each term's own: a "
         "wrong decay in a term would go unproved", k="rejects"),
+    # state hand-off (initial_state / dstate) of the reference VJPs
+    Mutant(
+        "handoff-pullback-drops-decay", "runtime", RUNTIME,
+        "return None if a is None else _Node(tape, s * a.val, ((a, lambda c: s * c),))",
+        "return None if a is None else _Node(tape, s * a.val, ((a, lambda c: c),))",
+        (GRADS,),
+        "the hand-off reverse pass forgets the decay factor γ^c of a scaled term: the initial "
+        "state's gradient (and the tokens' through it) misses its decay", k="handoff"),
+    Mutant(
+        "handoff-dstate-empty-prefix-part-ignored", "runtime", RUNTIME,
+        "end_cot = {} if dS is None else {n: (dS[n], dS[n]) for n in shapes}",
+        "end_cot = {} if dS is None else {n: (dS[n], None) for n in shapes}",
+        (GRADS,),
+        "dstate reaches only the part of the final state that depends on initial_state, not "
+        "the tokens' own contribution", k="handoff"),
+    Mutant(
+        "handoff-checkpoint-decay", "runtime", RUNTIME,
+        "nxt.update(part[\"combine\"](A, B, g ** (hi - lo)))",
+        "nxt.update(part[\"combine\"](A, B, g ** (hi - lo - 1)))",
+        (GRADS,),
+        "the chunked hand-off's checkpoints cross a chunk of n tokens decayed by γ^(n-1)",
+        k="handoff"),
 ]
 # --------------------------------------------------------------------------------------
 

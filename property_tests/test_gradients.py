@@ -299,3 +299,179 @@ def test_streaming_proof_rejects_a_wrong_readout_and_a_wrong_suffix_update(monke
         return gs
     monkeypatch.setattr(G, "synthesize_term", slow_suffix)
     assert not G.prove_streaming_gradients(HLA2, "gradient", True)[0].holds
+
+
+# --- state hand-off: gradient w.r.t. initial_state, cotangent on the final state -----------
+
+def _rec_torch(op, Q, K, V, g, S, normalize, eps):
+    """The recurrences of ../shared/design/operators.md written out here (not from the
+    derivation), state entries named as hla_core names them: KK = Σ_i γ^{t−i} k_i k_iᵀ,
+    KV = Σ_j γ^{t−j} k_j v_jᵀ, K1 = Σ_j γ^{t−j} k_j, and
+      hla2: KK_QV = Σ_{i≤j≤t} γ^{(t−i)+(t−j)} k_i k_iᵀ q_j v_jᵀ    (o_t = q_tᵀ KK_QV)
+      ahla: KQ_KV = Σ_{j≤i≤t} γ^{t−j} k_i q_iᵀ k_j v_jᵀ            (o_t = q_tᵀ KQ_KV)
+      hla3: KK_QQ_KV = Σ_{i,j≤u≤t} γ^{(t−i)+(t−u)+(t−j)} k_i k_iᵀ q_u q_uᵀ k_j v_jᵀ;
+    the denominators (…_Q1, …_K1) are the same with v → 1. Returns (o, final state)."""
+    S = dict(S)
+    outs = []
+    for t in range(Q.shape[0]):
+        q, k, v, one = Q[t], K[t], V[t], torch.ones(1, dtype=torch.float64)
+        vals = {"V": v, "1": one}
+        if op == "hla2":
+            S["KK"] = g * S["KK"] + torch.outer(k, k)
+            for x in ("V", "1") if normalize else ("V",):
+                S[f"KK_Q{x}"] = g ** 2 * S[f"KK_Q{x}"] + S["KK"] @ torch.outer(q, vals[x])
+            N, D = q @ S["KK_QV"], (q @ S["KK_Q1"] if normalize else None)
+        elif op == "ahla":
+            for x in ("V", "1") if normalize else ("V",):
+                S[f"K{x}"] = g * S[f"K{x}"] + torch.outer(k, vals[x])
+                S[f"KQ_K{x}"] = g * S[f"KQ_K{x}"] + torch.outer(k, q) @ S[f"K{x}"]
+            N, D = q @ S["KQ_KV"], (q @ S["KQ_K1"] if normalize else None)
+        else:
+            S["KK"] = g * S["KK"] + torch.outer(k, k)
+            for x in ("V", "1") if normalize else ("V",):
+                S[f"K{x}"] = g * S[f"K{x}"] + torch.outer(k, vals[x])
+                S[f"KK_QQ_K{x}"] = g ** 3 * S[f"KK_QQ_K{x}"] + S["KK"] @ torch.outer(q, q) @ S[f"K{x}"]
+            N, D = q @ S["KK_QQ_KV"], (q @ S["KK_QQ_K1"] if normalize else None)
+        outs.append(N if D is None else N / (D + eps))
+    return torch.stack(outs), S
+
+
+HANDOFF_OPS = ("hla2", "ahla", "hla3")
+
+
+@pytest.mark.parametrize("op", HANDOFF_OPS)
+@settings(max_examples=4 if EXAMPLES <= 12 else EXAMPLES)
+@given(p=problems(positive_qk=True, max_T=6), form=st.sampled_from(["recurrent", "chunked"]),
+       chunk=st.integers(1, 4), normalize=st.booleans(), which=st.sampled_from(["both", "state", "dstate"]))
+def test_handoff_vjp_matches_torch_autograd_of_a_plain_recurrence(op, p, form, chunk, normalize, which):
+    """(dq, dk, dv, d initial_state) of Σ do·o + ⟨dstate, final⟩ against float64 autograd
+    through the recurrence above, the initial state the test's own recurrence on a prefix."""
+    note(str(p))
+    g, eps = p["gamma"], 1e-3
+    rng = np.random.default_rng(int(abs(p["q"][0, 0]) * 1e6))
+    T, d = p["q"].shape
+    dv = p["v"].shape[1]
+    shapes = hla_core.state_shapes(op, d, dv, normalize)
+    zero = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
+    pre = [torch.tensor(np.abs(rng.standard_normal((3, n))) + 0.1) for n in (d, d)] + \
+        [torch.tensor(rng.standard_normal((3, dv)))]
+    S0 = {n: x.numpy() for n, x in _rec_torch(op, *pre, g, zero, normalize, eps)[1].items()}
+    dS = {n: rng.standard_normal(s) for n, s in shapes.items()}
+    kw = dict(initial_state=S0 if which != "dstate" else None, dstate=dS if which != "state" else None)
+    got = hla_core.vjp(op, p["q"], p["k"], p["v"], p["do"], form=form, gamma=g, normalize=normalize,
+                       eps=eps, chunk_size=chunk, **kw)
+    assert len(got) == (4 if kw["initial_state"] is not None else 3)
+    Q, K, V = (torch.tensor(p[n], requires_grad=True) for n in "qkv")
+    S = {n: torch.tensor(a, requires_grad=True) if kw["initial_state"] is not None else zero[n]
+         for n, a in S0.items()}
+    o, fin = _rec_torch(op, Q, K, V, g, S, normalize, eps)
+    loss = (o * torch.tensor(p["do"])).sum()
+    if kw["dstate"] is not None:
+        loss = loss + sum((fin[n] * torch.tensor(dS[n])).sum() for n in shapes)
+    loss.backward()
+    want = [x.grad.numpy() for x in (Q, K, V)]
+    if kw["initial_state"] is not None:
+        assert set(got[3]) == set(shapes) and all(got[3][n].shape == shapes[n] for n in shapes)
+        want += [np.concatenate([S[n].grad.numpy().ravel() for n in sorted(shapes)])]
+        got = list(got[:3]) + [np.concatenate([got[3][n].ravel() for n in sorted(shapes)])]
+    for name, x, y in zip(["q", "k", "v", "initial_state"], got, want):
+        rel = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-300)
+        assert rel <= 1e-9, (name, rel)
+
+
+def _dyadic(rng, shape, positive=False):
+    """Entries m/8 with |m| < 32: x ± 2⁻³⁰·δ stays exact in float64, so a finite difference
+    over float64 inputs is as exact as the mpmath arithmetic behind it."""
+    m = rng.integers(1 if positive else -31, 32, size=shape)
+    return m / 8.0
+
+
+def _fd_handoff(fwd, grads, q, k, v, do, S0, dS, rng):
+    """Central difference (step 2⁻³⁰, 40 digits) of L = Σ do·o + ⟨dS, final⟩ along a dyadic
+    direction of (q, k, v, S0) against the pairing with (dq, dk, dv, dS0)."""
+    xs = {"q": q, "k": k, "v": v, **{("S", n): a for n, a in S0.items()}}
+    delta = {n: _dyadic(rng, x.shape) for n, x in xs.items()}
+    h = 2.0 ** -30
+    with mpmath.workdps(40):
+        def loss(sign):
+            at = {n: x + sign * h * delta[n] for n, x in xs.items()}
+            o, fin = fwd(at["q"], at["k"], at["v"], {n: at[("S", n)] for n in S0})
+            tot = sum(mpmath.mpf(a) * b for a, b in zip(do.ravel(), o.ravel()))
+            return tot + sum(mpmath.mpf(a) * b for n in dS for a, b in zip(dS[n].ravel(), fin[n].ravel()))
+        fd = (loss(1) - loss(-1)) / (2 * mpmath.mpf(h))
+        dq, dk, dv, dS0 = grads
+        g = {"q": dq, "k": dk, "v": dv, **{("S", n): a for n, a in dS0.items()}}
+        pairing = sum(mpmath.mpf(a) * b for n in xs for a, b in zip(delta[n].ravel(), g[n].ravel()))
+        return fd, pairing
+
+
+@pytest.mark.parametrize("op, normalize, form, gamma", [
+    ("hla2", False, "recurrent", 0.75), ("hla2", True, "chunked", 1.0),
+    ("ahla", True, "recurrent", 0.5), ("hla3", False, "chunked", 0.75), ("hla3", True, "recurrent", 1.0)])
+def test_mpmath_handoff_vjp_matches_finite_differences(op, normalize, form, gamma):
+    """mpmath (40 digits) VJP with initial_state and dstate against central differences of
+    hla_core.evaluate(..., initial_state=, return_state=True) in every entry of q, k, v and the
+    initial state at once (a random direction; the O(h²) error is ~1e-18, the tolerance 1e-14)."""
+    rng = np.random.default_rng(11)
+    T, d, dv = 4, 2, 2
+    q, k = _dyadic(rng, (T, d), normalize), _dyadic(rng, (T, d), normalize)
+    v, do = _dyadic(rng, (T, dv)), _dyadic(rng, (T, dv))
+    shapes = hla_core.state_shapes(op, d, dv, normalize)
+    _, S0 = hla_core.evaluate(op, _dyadic(rng, (2, d), True), _dyadic(rng, (2, d), True),
+                              _dyadic(rng, (2, dv)), gamma=gamma, normalize=normalize, return_state=True)
+    S0 = {n: np.round(a * 64) / 64 for n, a in S0.items()}      # dyadic too
+    dS = {n: _dyadic(rng, s) for n, s in shapes.items()}
+    kw = dict(gamma=gamma, normalize=normalize, eps=1e-3, backend="mpmath", dps=40, form=form, chunk_size=3)
+    grads = hla_core.vjp(op, q, k, v, do, initial_state=S0, dstate=dS, **kw)
+    fd, pairing = _fd_handoff(lambda q_, k_, v_, S_: hla_core.evaluate(op, q_, k_, v_, initial_state=S_,
+                                                                       return_state=True, **kw),
+                              grads, q, k, v, do, S0, dS, rng)
+    assert abs(fd - pairing) <= mpmath.mpf(10) ** -14 * max(1, abs(fd)), (fd, pairing)
+
+
+@pytest.mark.parametrize("p", [
+    Pattern("dot(q_t,k_i) * dot(k_i,q_j) * dot(q_j,k_i) * v_i", where="i <= j <= t"),      # sandwich map
+    Pattern("dot(k_t,q_i) * dot(k_i,q_j) * v_j", where="i < t, j <= i", decay="(t-i)/2 + 2*(t-j)")])
+def test_unseen_pattern_handoff_vjp_matches_finite_differences(p):
+    """derive(p).vjp_reference with initial_state and dstate, any Pattern: central differences
+    of the same Pattern's generated forward with initial_state (mpmath, 40 digits)."""
+    d = derive(p, prove=False)
+    rng = np.random.default_rng(3)
+    T, dd, dv = 4, 2, 2
+    g = 0.5 if p.has_decay else 1.0
+    q, k, v, do = (_dyadic(rng, (T, n)) for n in (dd, dd, dv, dv))
+    fwd = d.reference("recurrent", "mpmath")
+    _, S0 = fwd(*(_dyadic(rng, (2, n)) for n in (dd, dd, dv)), gamma=g, return_state=True)
+    S0 = {n: np.array([float(x) for x in a.ravel()]).reshape(a.shape) for n, a in S0.items()}
+    dS = {n: _dyadic(rng, a.shape) for n, a in S0.items()}
+    for form in ("recurrent", "chunked"):
+        grads = d.vjp_reference(form, "mpmath")(q, k, v, do, gamma=g, chunk_size=3, dps=40,
+                                                initial_state=S0, dstate=dS)
+        fd, pairing = _fd_handoff(lambda q_, k_, v_, S_: fwd(q_, k_, v_, gamma=g, dps=40, initial_state=S_,
+                                                             return_state=True),
+                                  grads, q, k, v, do, S0, dS, rng)
+        assert abs(fd - pairing) <= mpmath.mpf(10) ** -14 * max(1, abs(fd)), (form, fd, pairing)
+
+
+@pytest.mark.parametrize("arg", ["initial_state", "dstate"])
+@pytest.mark.parametrize("case, match", [
+    ("shape", r"\['KK'\]: expected shape"), ("missing", "missing \\['KK'\\]"),
+    ("extra", "unexpected \\['XX'\\]"), ("nan", r"\['KK_QV'\]: contains non-finite"),
+    ("quadratic", "the quadratic")])
+def test_handoff_bad_inputs(arg, case, match):
+    rng = np.random.default_rng(0)
+    q, k, v, do = (rng.standard_normal((4, n)) for n in (2, 2, 3, 3))
+    st_ = {"KK": np.eye(2), "KK_QV": np.ones((2, 3))}
+    form = "recurrent"
+    if case == "shape":
+        st_["KK"] = np.eye(3)
+    elif case == "missing":
+        del st_["KK"]
+    elif case == "extra":
+        st_["XX"] = np.ones(1)
+    elif case == "nan":
+        st_["KK_QV"][0, 1] = np.inf
+    else:
+        form = "quadratic"
+    with pytest.raises(ValueError, match=f"^{arg}" + ("" if case == "quadratic" else ".*" + match)):
+        hla_core.vjp("hla2", q, k, v, do, form=form, **{arg: st_})

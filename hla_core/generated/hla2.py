@@ -359,12 +359,15 @@ def reference(form="recurrent", backend="numpy"):
 
 
 def vjp_reference(form="quadratic", backend="numpy"):
-    """f(q, k, v, do, gamma=1.0, normalize=False, eps=1e-6, ...) -> (dq, dk, dv)."""
+    """f(q, k, v, do, gamma=1.0, normalize=False, eps=1e-6, ..., initial_state=None,
+    dstate=None) -> (dq, dk, dv), plus the initial state's gradient when one is given."""
     import sys
     mod = sys.modules[__name__]
 
-    def f(q, k, v, do, gamma=1.0, normalize=False, eps=1e-6, chunk_size=16, dps=50):
+    def f(q, k, v, do, gamma=1.0, normalize=False, eps=1e-6, chunk_size=16, dps=50,
+          initial_state=None, dstate=None):
         return R.vjp(mod, q, k, v, do, form=form, gamma=gamma, normalize=normalize, eps=eps,
-                     chunk_size=chunk_size, backend=backend, dps=dps)
+                     chunk_size=chunk_size, backend=backend, dps=dps,
+                     initial_state=initial_state, dstate=dstate)
     f.__name__ = f"{NAME}_vjp_{form}_{backend}"
     return f
