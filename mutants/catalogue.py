@@ -575,6 +575,51 @@ ENGINE_DEFECTS: list[Mutant] = [
 
 CATALOGUE += ENGINE_DEFECTS
 
+# --------------------------------------------------------------------------------------
+# The conformance harness (hla_core/conformance.py): a harness that passes a wrong
+# implementation, or calls a property passed that it never ran, is worse than none.
+CONFORM = "hla_core/conformance.py"
+CONFORM_TESTS = "property_tests/test_conformance.py"
+CONFORMANCE_DEFECTS: list[Mutant] = [
+    Mutant(
+        "conformance-reference-ignores-gamma", "conformance", CONFORM,
+        "                                             gamma, normalize, eps)",
+        "                                             1.0, normalize, eps)",
+        (CONFORM_TESTS,),
+        "the reference is evaluated without decay: every correct decayed implementation fails and "
+        "the paper's decayed recurrences are judged against the wrong operator",
+        k="correct_loop or paper_decayed", scope="def reference("),
+    Mutant(
+        "conformance-handoff-never-splits", "conformance", CONFORM,
+        'o = self.torch.cat([o1, o2], dim=2 if self.cfg.layout == "bhtd" else 1)',
+        "o = self.call(q, k, v, case=case)[0]",
+        (CONFORM_TESTS,),
+        "the hand-off property judges the whole-sequence run instead of the split one: a state "
+        "hand-off that drops a summary passes", k="dropped_summary"),
+    Mutant(
+        "conformance-not-applicable-reported-passed", "conformance", CONFORM,
+        "            row.reason = plan\n",
+        "            row.reason, row.status = plan, PASSED\n",
+        (CONFORM_TESTS,),
+        "a property the function cannot express (no gamma, no initial_state, ...) is reported "
+        "passed instead of not applicable", k="not_applicable"),
+    Mutant(
+        "conformance-ok-if-any-passed", "conformance", CONFORM,
+        "return all(r.status != FAILED for r in self.rows)",
+        "return any(r.status == PASSED for r in self.rows)",
+        (CONFORM_TESTS,),
+        "the report (and the exit status) counts as a pass when any property passed",
+        k="cli_exit_status or shrink"),
+    Mutant(
+        "conformance-varlen-reference-unsegmented", "conformance", CONFORM,
+        "return self.judge(o, self.ref(q, k, v, case, cu=cu.cpu()), case,",
+        "return self.judge(o, self.ref(q, k, v, case), case,",
+        (CONFORM_TESTS,),
+        "the varlen property's reference runs the packed sequences as one: a correct varlen "
+        "kernel fails (and one that leaks state across sequences would pass)", k="chunk_hla2"),
+]
+CATALOGUE += CONFORMANCE_DEFECTS
+
 
 def _check_ids():
     seen = set()
