@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU property tests, benchmark, numerics study. Logs and results to $OUT.
-# usage: bash kernels/gpu_check.sh [tests|bench|numerics ...]   (default: all three)
+# usage: bash kernels/gpu_check.sh [tests|bench|numerics|cp ...]   (default: tests bench numerics)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -21,6 +21,11 @@ for s in $steps; do
     bench)
       echo "== benchmark"
       timeout ${BENCH_TIMEOUT:-200} python3 -m kernels.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" ;;
+    cp)
+      echo "== context parallel: float64 equality on 2 and 4 GPUs (NCCL), then the scaling benchmark"
+      timeout ${CP_TEST_TIMEOUT:-240} python3 -m pytest property_tests/test_cp.py -q -p no:cacheprovider -k gpu \
+        --tb=short -rf 2>&1 | tail -20 | tee "$OUT/cp_tests.log"
+      timeout ${CP_BENCH_TIMEOUT:-420} python3 -m kernels.bench_cp --out "$OUT" ${CP_ARGS:-} 2>&1 | tee "$OUT/bench_cp.log" ;;
     numerics)
       echo "== numerics"
       timeout ${NUM_TIMEOUT:-150} python3 -m kernels.numerics --out "$OUT" 2>&1 | tee "$OUT/numerics.log" | tail -5 ;;

@@ -36,10 +36,10 @@ def run_world(world, scenarios, backend="gloo"):
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
 
 
-def single_process(sc):
+def single_process(sc, device="cpu"):
     """(whole-sequence o and final state; per-slice hand-off results like the ranks')."""
     fn = W.OPS[sc["op"]][0]
-    q, k, v, do, init, dfin = W.inputs(sc)
+    q, k, v, do, init, dfin = W.inputs(sc, device)
     kw = dict(gamma=W._gamma(sc), normalize=sc["normalize"], chunk_size=sc.get("chunk_size", 64),
               output_final_state=True)
     with torch.no_grad():
@@ -61,11 +61,12 @@ def single_process(sc):
 
 
 def rel(got, want):
+    got, want = got.cpu(), want.cpu()
     return ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
 
 
-def check(sc, results):
-    (wo, wfin), per, grads, dinit = single_process(sc)
+def check(sc, results, device="cpu"):
+    (wo, wfin), per, grads, dinit = single_process(sc, device)
     bounds = [0]
     for n in sc["lengths"]:
         bounds.append(bounds[-1] + n)
@@ -102,12 +103,39 @@ SCENARIOS = {
 }
 
 
+# CI runs the first scenario of each world size (operators, decays, normalization, initial
+# state and uneven slices are spread over the two); the thorough profile runs them all
+CI_SCENARIOS = {2: [dict(SCENARIOS[2][0], lengths=[21, 19])], 3: [dict(SCENARIOS[3][0], lengths=[5, 1, 20])]}
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_equal_one_process(world):
-    scenarios = SCENARIOS[world]
+    thorough = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+    scenarios = SCENARIOS[world] if thorough else CI_SCENARIOS[world]
     results = run_world(world, scenarios)
     for i, sc in enumerate(scenarios):
         check(sc, [results[r][i] for r in range(world)])
+
+
+GPU = dict(B=2, H=4, d=32, dv=24, chunk_size=64, segment_chunks=2, dtype="float64")
+GPU_SCENARIOS = [
+    dict(GPU, op="hla2", lengths=[300, 1, 517, 190], gamma=[0.9, 0.99, 0.999, 1.0], normalize=False, init=True,
+         dfin=True, seed=11),
+    dict(GPU, op="ahla", lengths=[129, 64, 250, 3], gamma=0.97, normalize=True, init=True, dfin=True, seed=12),
+    dict(GPU, op="hla3", lengths=[200, 333, 1, 65], gamma=0.95, normalize=True, init=True, dfin=True, seed=13,
+         segment_chunks=None),
+]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_equal_one_process_gpu(world):
+    """The same on GPUs (NCCL, one GPU per rank), float64, longer uneven slices."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    scenarios = [dict(sc, lengths=sc["lengths"][:world - 1] + [sum(sc["lengths"][world - 1:])]) for sc in GPU_SCENARIOS]
+    results = run_world(world, scenarios, backend="nccl")
+    for i, sc in enumerate(scenarios):
+        check(sc, [results[r][i] for r in range(world)], device="cuda")
 
 
 def test_bad_use_is_named():

@@ -1,0 +1,180 @@
+"""Context-parallel scaling benchmark (kernels/cp.py): one long sequence on 1, 2, 4 GPUs.
+
+    python -m kernels.bench_cp [--out DIR] [--worlds 1,2,4] [--T 131072,262144,...] [--op hla2]
+
+bf16, B=1, H=16, d=dv=128, gamma=0.99. Each world size runs in its own processes (NCCL,
+one GPU per rank; world 1 is the plain single-GPU call, no process group). Rank r holds
+T / world tokens. Forward: `torch.no_grad()`; forward+backward: `o.backward(do)`; each
+timed between barriers with CUDA events, the slowest rank's time, median of the repeats.
+Peak memory: the largest rank's `max_memory_allocated` over one training step (inputs,
+cotangent and gradients included). A T runs only where the peak predicted from the two
+shorter runs (linear in T / world) fits in 92% of the GPU's memory, so nothing runs out of
+memory mid-collective; the longest T that ran is "fits". Prints progress and a table;
+writes bench_cp.json into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+B, H, D, GAMMA = 1, 16, 128, 0.99
+
+
+def _fn(op):
+    import kernels
+    return {"hla2": kernels.chunk_hla2, "ahla": kernels.chunk_ahla, "hla3": kernels.chunk_hla3}[op]
+
+
+def _time(run, reps, group):
+    """Median over reps of the slowest rank's time of run() (ms)."""
+    out = []
+    for _ in range(reps):
+        if group is not None:
+            dist.barrier(group)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        torch.cuda.synchronize()
+        ms = torch.tensor([a.elapsed_time(b)], device="cuda")
+        if group is not None:
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX, group=group)
+        out.append(ms.item())
+    return statistics.median(out)
+
+
+def _rank(rank, world, Ts, op, reps, init_file, out_file):
+    torch.cuda.set_device(rank)
+    group = None
+    if world > 1:
+        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        group = dist.group.WORLD
+    fn = _fn(op)
+    cap = torch.cuda.get_device_properties(rank).total_memory
+    rows, peaks = [], []
+    for T in Ts:
+        n = T // world
+        if len(peaks) >= 2:  # predicted peak, linear in the slice length
+            (n1, p1), (n2, p2) = peaks[-2:]
+            pred = p2 + (p2 - p1) / (n2 - n1) * (n - n2)
+            if pred > 0.92 * cap:
+                if rank == 0:
+                    print(f"[cp] world {world} T={T}: predicted peak {pred / 2**30:.1f} GiB > 92% of "
+                          f"{cap / 2**30:.0f} GiB, stop", flush=True)
+                break
+        g = torch.Generator(device="cuda").manual_seed(1234 + rank)
+        mk = lambda w: (torch.randn(B, n, H, w, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16)  # noqa: E731
+        q, k, v, do = mk(D), mk(D), mk(D), mk(D)
+        kw = dict(gamma=GAMMA, cp_group=group, check_finite=False)
+        with torch.no_grad():
+            fn(q, k, v, **kw)  # compile / warm up
+        ms_f = _time(lambda: fn(q, k, v, **kw), reps, group)
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+
+        def step():
+            for x in xs:
+                x.grad = None
+            o, _ = fn(*xs, **kw)
+            o.backward(do)
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.tensor([float(torch.cuda.max_memory_allocated())], device="cuda")
+        if group is not None:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        ms = _time(step, reps, group)
+        peaks.append((n, peak.item()))
+        row = dict(op=op, world=world, T=T, slice=n, fwd_ms=ms_f, fwdbwd_ms=ms, peak_gib=peak.item() / 2**30)
+        rows.append(row)
+        if rank == 0:
+            print(f"[cp] {op} world {world} T={T:8d} fwd {ms_f:9.3f} ms  fwd+bwd {ms:9.3f} ms  "
+                  f"peak/rank {row['peak_gib']:6.2f} GiB", flush=True)
+        del q, k, v, do, xs
+        torch.cuda.empty_cache()
+    if rank == 0:
+        with open(out_file, "w") as fh:
+            json.dump(rows, fh)
+    if group is not None:
+        dist.destroy_process_group()
+
+
+def table(rows):
+    """Markdown: per T, time on each world size and the speed-up over one GPU."""
+    worlds = sorted({r["world"] for r in rows})
+    by = {(r["world"], r["T"]): r for r in rows}
+    head = "| T | " + " | ".join(f"{w} GPU fwd / fwd+bwd (ms)" for w in worlds) + " | " + \
+        " | ".join(f"speed-up {w} GPUs fwd / fwd+bwd" for w in worlds if w > 1) + " | peak per GPU (GiB) |"
+    L = [head, "|" + "---|" * (2 + len(worlds) + len([w for w in worlds if w > 1]))]
+    for T in sorted({r["T"] for r in rows}):
+        cells = []
+        for w in worlds:
+            r = by.get((w, T))
+            cells.append(f"{r['fwd_ms']:.2f} / {r['fwdbwd_ms']:.2f}" if r else "does not fit")
+        base = by.get((1, T))
+        for w in worlds:
+            if w == 1:
+                continue
+            r = by.get((w, T))
+            cells.append(f"{base['fwd_ms'] / r['fwd_ms']:.2f}× / {base['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}×"
+                         if r and base else "–")
+        peaks = " / ".join(f"{by[(w, T)]['peak_gib']:.1f}" if (w, T) in by else "–" for w in worlds)
+        L.append(f"| {T // 1024}K | " + " | ".join(cells) + f" | {peaks} |")
+    fits = {w: max((r["T"] for r in rows if r["world"] == w), default=0) for w in worlds}
+    L.append("")
+    L.append("Longest T run (fits): " + ", ".join(f"{w} GPU: {fits[w] // 1024}K" for w in worlds))
+    return "\n".join(L)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m kernels.bench_cp", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs")
+    ap.add_argument("--worlds", default="1,2,4")
+    ap.add_argument("--T", default=",".join(str(2**e) for e in range(17, 24)))
+    ap.add_argument("--op", default="hla2", choices=["hla2", "ahla", "hla3"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--table", default=None, metavar="JSON", help="only print the table of a saved bench_cp.json")
+    args = ap.parse_args(argv)
+    if args.table:
+        with open(args.table) as fh:
+            print(table(json.load(fh)["rows"]))
+        return 0
+    Ts = [int(x) for x in args.T.split(",")]
+    worlds = [int(x) for x in args.worlds.split(",")]
+    have = torch.cuda.device_count()
+    rows = []
+    t0 = time.time()
+    for w in worlds:
+        if w > have:
+            print(f"[cp] world {w}: only {have} GPUs, skipped", flush=True)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out_file = os.path.join(tmp, "rows.json")
+            mp.start_processes(_rank, args=(w, Ts, args.op, args.reps, os.path.join(tmp, "init"), out_file),
+                               nprocs=w, join=True, start_method="spawn")
+            with open(out_file) as fh:
+                rows += json.load(fh)
+    os.makedirs(args.out, exist_ok=True)
+    meta = dict(gpu=torch.cuda.get_device_name(0), gpus=have, torch=torch.__version__,
+                B=B, H=H, d=D, dv=D, gamma=GAMMA, dtype="bfloat16", seconds=time.time() - t0)
+    with open(os.path.join(args.out, "bench_cp.json"), "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    print()
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
