@@ -43,12 +43,14 @@ a key stage) in an fp32 buffer that its last rule reads and converts (chain_back
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
 
 from . import cp
 from ._common import _is_real
+from .backward_pair import reversed_pair
 from .gla import forward_chain, setup_chain
 
 
@@ -185,6 +187,32 @@ def _plan(chain, need, has_init):
     return steps
 
 
+# The key and value rules of a stage in one reversed launch (kernels/backward_pair.py)
+# where it applies; HLA_BWD_PAIR=0 (or kernels.backward.PAIR = False) keeps two launches.
+PAIR = os.environ.get("HLA_BWD_PAIR", "1") != "0"
+
+
+def _pair_stages(chain, la, steps, normalize, dfin, has_init):
+    """Stages whose key and value rules run as one fused reversed launch: chunk mode, both
+    rules wanted, no side channel, no carry in (final-state cotangent) or out (initial-state
+    gradient), no context parallelism, head sizes above 1 (kernels/gla.py's D, DV = 1 note)."""
+    p = la.p
+    if not PAIR or la.mode != "chunk" or la.cp is not None or min(p["d"], p["dv"]) < 2:
+        return set()
+    ok = set()
+    for i, s in enumerate(chain):
+        if not {"a", "b"} <= {r.target for j, r, _ in steps if j == i}:
+            continue
+        if normalize and s.side is not None:
+            continue
+        if dfin.get(s.state) is not None or (s.side is not None and dfin.get(s.side) is not None):
+            continue
+        if has_init[s.state]:
+            continue
+        ok.add(i)
+    return ok
+
+
 def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
     """(dq, dk, dv, {state field: cotangent of the initial carry}) of one chain call.
 
@@ -204,10 +232,24 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
     if la.cp is not None:  # every rank plans the launches rank 0 needs (each one exchanges carries)
         has_init = {s.state: la.cp.init_grad for s in chain}
     steps = _plan(chain, need, has_init)
+    pair = _pair_stages(chain, la, steps, normalize, dfin, has_init)
     writers = {}
-    for _, _, tgt in steps:
+    for i, r, tgt in steps:
+        if i in pair and r.target == "b" and chain[i].key == chain[i].value:
+            continue  # the key stage's fused launch writes da + db once
         writers[tgt] = writers.get(tgt, 0) + 1
     written = dict.fromkeys(writers, 0)
+
+    def place(tgt):
+        """(out, acc, out_dtype) of the next write to `tgt` (see the docstring)."""
+        written[tgt] += 1
+        fdt = final_dtype.get(tgt, la.mid_dtype)
+        if writers[tgt] == 1:
+            return None, None, fdt
+        if written[tgt] < writers[tgt]:
+            return cot.get(tgt), cot.get(tgt), sdt
+        acc = cot.get(tgt)
+        return (acc if fdt == sdt else None), acc, fdt
     cot, dinit = {}, {}
     producer_side = {s.state: s.side for s in chain}
     n = len(chain)
@@ -243,6 +285,19 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
                     dX1f = torch.zeros((p["N"], H, d, 1), dtype=sdt, device=a.device)
             prepared = {i: (dN, dD, dXf, dX1f)}
         dN, dD, dXf, dX1f = prepared[i]
+        if i in pair and r.target != "q":  # the key and value rules in one reversed launch
+            if r.target == "b":
+                continue  # done with the key rule
+            kn = dict(num_warps=la.knobs["num_warps"], num_stages=la.knobs["num_stages"])
+            oa, aa, da_t = place(tgt)
+            if s.key == s.value:
+                cot[tgt], _ = reversed_pair(la, p["q"], a, b, dN, s.power, same=True, out_a=oa, acc_a=aa,
+                                            dtype_a=da_t, **kn)
+            else:
+                ob, ab, db_t = place(s.value)
+                cot[tgt], cot[s.value] = reversed_pair(la, p["q"], a, b, dN, s.power, out_a=oa, acc_a=aa,
+                                                       dtype_a=da_t, out_b=ob, acc_b=ab, dtype_b=db_t, **kn)
+            continue
         X0, X10 = st.get(s.state), (st.get(s.side) if use_side else None)
         if not use_side:
             b1 = None
@@ -269,18 +324,7 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
         final = (None, None)
         if gives_init and has_init[s.state] and X0 is not None:
             final = (torch.empty_like(X0), torch.empty_like(X10) if side is not None else None)
-        # where the output goes (see the docstring)
-        written[tgt] += 1
-        fdt = final_dtype.get(tgt, la.mid_dtype)
-        if writers[tgt] == 1:
-            dest, acc, odt = None, None, fdt
-        elif written[tgt] < writers[tgt]:
-            dest = acc = cot.get(tgt)
-            odt = sdt
-        else:
-            acc = cot.get(tgt)
-            dest = acc if fdt == sdt else None
-            odt = fdt
+        dest, acc, odt = place(tgt)  # where the output goes (see the docstring)
         o_, o1_ = la(vals[r.query], vals[r.key], vals[r.value], s.power, side=side,
                      side_out=tgt_side is not None, init=init, final=final, reverse=r.reverse,
                      shift=r.reverse, qside=qside, xr_init=xr, out=dest, acc=acc, out_dtype=odt,

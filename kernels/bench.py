@@ -134,7 +134,9 @@ def train(args):
     """Forward+backward (training step) rows: time (median of do_bench, grads reset each
     run), forward-only time (no_grad), and peak GPU memory of one step (inputs and their
     gradients included; `extra` = peak minus what was allocated before the step).
-    Methods: chunk_hla2 / chunk_ahla / chunk_hla3 (kernels/backward.py), autograd through
+    Methods: chunk_hla2 / chunk_ahla / chunk_hla3 (kernels/backward.py; *_two_launch: the
+    key and value rules of a stage as two reversed launches, kernels.backward.PAIR off,
+    instead of the fused one of kernels/backward_pair.py), autograd through
     the plain-torch chunked HLA2 without in-place writes (torch_chunked_hla2_autograd;
     torch_chunked_hla2, the in-place form, with --train-inplace-baseline), SDPA causal, and
     with fla importable its chunk_simple_gla with the per-head decay g_gamma (ungated: fla
@@ -250,6 +252,8 @@ def train(args):
             "torch_chunked_hla2_autograd": lambda q, k, v: torch_chunked_hla2_autograd(q, k, v, GAMMA),
             "sdpa_causal": lambda q, k, v: sdpa(bhtd(q), bhtd(k), bhtd(v), is_causal=True),
         }
+        for nm in ("chunk_hla2", "chunk_ahla", "chunk_hla3"):  # the backward with two reversed launches per stage
+            methods[nm + "_two_launch"] = methods[nm]
         if args.train_inplace_baseline:
             methods["torch_chunked_hla2"] = lambda q, k, v: torch_chunked_hla2(q, k, v, GAMMA)
         if chunk_simple_gla is not None:
@@ -260,6 +264,7 @@ def train(args):
             if args.only and mname not in args.only.split(","):
                 continue
             t0 = time.time()
+            kernels.backward.PAIR = not mname.endswith("_two_launch")
             xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
             dd = do if mname != "sdpa_causal" else do.transpose(1, 2)
 
@@ -288,6 +293,7 @@ def train(args):
                   f"peak {peak / 2 ** 30:6.2f} GiB (step extra {(peak - base) / 2 ** 30:6.2f}) "
                   f"({time.time() - t0:.1f}s wall)", flush=True)
             del xs
+            kernels.backward.PAIR = True
             torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_train.json"), "w") as fh:
@@ -460,6 +466,8 @@ def main(argv=None):
             "sdpa_causal": (lambda: sdpa(qh, kh, vh, is_causal=True), flops_sdpa(T, d)),
             "torch_chunked_hla2": (lambda: torch_chunked_hla2(q, k, v, GAMMA), flops_hla2(T, d)),
         }
+        for nm in ("chunk_hla2", "chunk_ahla", "chunk_hla3"):  # the backward with two reversed launches per stage
+            methods[nm + "_two_launch"] = methods[nm]
         if args.train_inplace_baseline:
             methods["torch_chunked_hla2"] = lambda q, k, v: torch_chunked_hla2(q, k, v, GAMMA)
         if chunk_simple_gla is not None:

@@ -265,6 +265,49 @@ def test_float64_grads_with_sequence_segments(op):
                   cu=[0, 35, 40] if op == "hla3" else None)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_fused_key_value_launch_equals_two_launches(op, monkeypatch):
+    """kernels/backward_pair.py (a stage's key and value rules in one reversed launch, on by
+    default where it applies) against the two reversed launches, float64 to 1e-12: varlen,
+    forced segments, a per-head decay; and where it applies (kernels.backward._pair_stages)."""
+    import kernels.backward as kb
+    from kernels.hla2 import CHAIN as C2
+    from kernels.hla3 import CHAIN as C3
+    T, H, d, dv = 45, 2, 4, 3
+    q, k, v, do = _inputs(1, T, H, d, dv, seed=5)
+    g = torch.tensor([0.9, 0.6], dtype=F64, device=DEVICE)
+    cu = torch.tensor([0, 30, 45], device=DEVICE)
+    res = {}
+    for fused in (True, False):
+        monkeypatch.setattr(kb, "PAIR", fused)
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o, _ = FNS[(op, "chunk")](*xs, gamma=g, chunk_size=16, cu_seqlens=cu, segment_chunks=1)
+        (o * do).sum().backward()
+        res[fused] = [x.grad for x in xs]
+    for name, a, b in zip("qkv", res[True], res[False]):
+        assert _rel(a.cpu(), b.cpu()) <= 1e-12, (op, name)
+    monkeypatch.setattr(kb, "PAIR", True)
+
+    class _La:  # the attributes _pair_stages reads
+        mode, cp, p = "chunk", None, {"d": 4, "dv": 3}
+    all_need = dict(q=True, k=True, v=True, init=False)
+    for chain, nz, want in ((C2, False, {0, 1}), (C2, True, {0}), (C3, False, {0, 1, 2}), (C3, True, {0})):
+        none = {s.state: False for s in chain}
+        steps = kb._plan(chain, all_need, none)
+        assert kb._pair_stages(chain, _La, steps, nz, {}, none) == want, (chain, nz)
+    # a stage whose key rule is not needed (no grad for k in HLA2's key stage), a final-state
+    # cotangent, an initial-state gradient, recurrent mode: two launches
+    steps = kb._plan(C2, dict(q=True, k=False, v=True, init=False), {s.state: False for s in C2})
+    assert kb._pair_stages(C2, _La, steps, False, {}, {s.state: False for s in C2}) == {1}
+    steps = kb._plan(C2, all_need, {s.state: False for s in C2})
+    assert kb._pair_stages(C2, _La, steps, False, {"KK": torch.zeros(1)}, {s.state: False for s in C2}) == {1}
+    assert kb._pair_stages(C2, _La, steps, False, {}, {"KK": False, "KK_QV": True}) == {0}
+
+    class _Rec(_La):
+        mode = "recurrent"
+    assert kb._pair_stages(C2, _Rec, steps, False, {}, {s.state: False for s in C2}) == set()
+
+
 def examples(ci: int, gpu: int = 10):
     if ON_GPU:
         return settings(max_examples=gpu, phases=[Phase.explicit, Phase.reuse, Phase.generate])
