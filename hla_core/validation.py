@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import mpmath
 import numpy as np
 
 FORMS = ("quadratic", "recurrent", "chunked")
@@ -87,7 +88,15 @@ def check_state(state, shapes: dict, name: str = "initial_state") -> dict:
         arr = np.asarray(state[key])
         if arr.shape != tuple(shape):
             raise ValueError(f"{name}[{key!r}]: expected shape {tuple(shape)}, got {arr.shape}")
-        if arr.dtype != object and not np.all(np.isfinite(arr)):
+        if arr.dtype == object:   # mpmath (or rational) entries, as the mpmath backend returns
+            try:
+                finite = all(mpmath.isfinite(e) if isinstance(e, mpmath.mpf) else math.isfinite(float(e))
+                             for e in arr.ravel())
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}[{key!r}]: entries must be real numbers") from None
+        else:
+            finite = bool(np.all(np.isfinite(arr)))
+        if not finite:
             raise ValueError(f"{name}[{key!r}]: contains non-finite values")
         out[key] = arr
     return out
