@@ -177,6 +177,12 @@ def train(args):
               f"dk {errs[1]:.2e} dv {errs[2]:.2e}", flush=True)
     rows = []
     shapes = [(int(x.split(",")[0]), int(x.split(",")[1])) for x in args.train_shapes.split(";")]
+
+    def save():
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_train.json"), "w") as fh:
+            json.dump(dict(gpu=name, torch=torch.__version__, triton=triton.__version__, B=B, H=H, gamma=GAMMA,
+                           rows=rows, checks=checks, la_rows=la_rows), fh, indent=1)
     from kernels._common import prepare
     from kernels.gla import Chain
     for T, d in shapes:  # the building block: one LA launch forward, and read backward in time
@@ -295,10 +301,8 @@ def train(args):
             del xs
             kernels.backward.PAIR = True
             torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_train.json"), "w") as fh:
-        json.dump(dict(gpu=name, torch=torch.__version__, triton=triton.__version__, B=B, H=H, gamma=GAMMA,
-                       rows=rows, checks=checks, la_rows=la_rows), fh, indent=1)
+        save()  # after every shape: a run cut short keeps what it measured
+    save()
     print_train_table(rows)
     try:
         plot_train(rows, os.path.join(args.out, "bench_train.png"), name)
