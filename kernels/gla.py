@@ -35,7 +35,7 @@ import triton.language as tl
 
 from typing import NamedTuple, Optional
 
-from ._common import _decay, buf_dtype, carry_in_out, operand_format, prepare
+from ._common import _decay, _is_int, buf_dtype, carry_in_out, operand_format, prepare
 
 
 @triton.jit
@@ -367,6 +367,24 @@ def segment_chunks_auto(n_chunks: int, programs: int, device) -> int:
     return -(-n_chunks // parts)
 
 
+def check_knob(name: str, x, pow2=False, most=None):
+    """A launch knob (block_v, num_warps, num_stages, segment_chunks): None, or a positive
+    integer (Python or numpy; a power of two for block_v and num_warps, at most `most`),
+    returned as a Python int. Anything else raises a ValueError naming the argument (Triton
+    would otherwise fail at compile time, or silently misbehave, far from the call)."""
+    if x is None:
+        return None
+    what = "a positive power-of-two integer" if pow2 else "a positive integer"
+    if most is not None:
+        what += f" <= {most}"
+    if not _is_int(x):
+        raise ValueError(f"{name} must be None or {what} (Python or numpy), got {x!r} ({type(x).__name__})")
+    n = int(x)
+    if n < 1 or (pow2 and n & (n - 1)) or (most is not None and n > most):
+        raise ValueError(f"{name} must be None or {what}, got {n}")
+    return n
+
+
 class Chain:
     """The LA launches of one operator call, in one mode with shared launch knobs.
 
@@ -382,8 +400,10 @@ class Chain:
         self.p, self.mode = p, mode
         self.fmt = operand_format(p["q"].dtype, p["d"], p["dv"])
         self.mid_dtype = buf_dtype(self.fmt[0]) if mode == "chunk" else p["sdt"]
-        self.knobs = dict(block_v=block_v, num_warps=num_warps, num_stages=num_stages)
-        self.segment_chunks = segment_chunks
+        self.knobs = dict(block_v=check_knob("block_v", block_v, pow2=True),
+                          num_warps=check_knob("num_warps", num_warps, pow2=True, most=32),
+                          num_stages=check_knob("num_stages", num_stages, most=8))
+        self.segment_chunks = check_knob("segment_chunks", segment_chunks)
         self.cp = None  # kernels/cp.py: ContextParallel when the sequence is split across ranks
         self._decays = {}
 
@@ -471,8 +491,6 @@ class Chain:
         seg = self.segment_chunks
         if seg is None:
             seg = segment_chunks_auto(n_chunks, N * H * nvb, dev)
-        if not isinstance(seg, int) or isinstance(seg, bool) or seg < 1:
-            raise ValueError(f"segment_chunks must be a positive int or None, got {seg!r}")
         SEG = C * min(seg, n_chunks)
         nseg = triton.cdiv(max(p["lens"]), SEG)
         log2g, table = self.decay(power)

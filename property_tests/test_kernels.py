@@ -29,6 +29,7 @@ the GPU only.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import numpy as np
@@ -627,6 +628,20 @@ def test_numpy_scalar_arguments(fn):
 
 
 @pytest.mark.parametrize("fn", list(FNS.values()), ids=["_".join(k) for k in FNS])
+def test_numpy_integer_launch_knobs(fn):
+    """segment_chunks, block_v, num_warps, num_stages accept numpy integers like the other
+    int arguments, with the same output as the equal Python ints (bit for bit)."""
+    q, k, v = _good(T=40, dtype=torch.float64)
+    chunk = "segment_chunks" in inspect.signature(fn).parameters
+    kw = dict(gamma=0.9, chunk_size=16) if chunk else dict(gamma=0.9)
+    seg = dict(segment_chunks=1) if chunk else {}
+    want, _ = fn(q, k, v, block_v=16, num_warps=4, num_stages=1, **seg, **kw)
+    seg = dict(segment_chunks=np.int64(1)) if chunk else {}
+    got, _ = fn(q, k, v, block_v=np.int32(16), num_warps=np.int64(4), num_stages=np.uint8(1), **seg, **kw)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fn", list(FNS.values()), ids=["_".join(k) for k in FNS])
 def test_check_finite_false(fn):
     """check_finite=False skips only the NaN/Inf scan: finite inputs give the same output as
     with the scan (float64, and against the reference), non-finite inputs no error."""
@@ -703,6 +718,14 @@ BAD_CASES = [
     ("state_type", TypeError, "initial_state must be"),
     ("state_shape", ValueError, "initial_state"),
     ("device", ValueError, "on one device"),
+    ("block_v", ValueError, r"block_v must be None or a positive power-of-two integer, got 48"),
+    ("block_v_float", ValueError, r"block_v must be None or a positive power-of-two integer .*got 64\.0"),
+    ("num_warps", ValueError, r"num_warps must be None or a positive power-of-two integer <= 32, got 3"),
+    ("num_warps_big", ValueError, r"num_warps must be None or a positive power-of-two integer <= 32, got 64"),
+    ("num_stages", ValueError, r"num_stages must be None or a positive integer <= 8, got 0"),
+    ("num_stages_bool", ValueError, r"num_stages must be None or a positive integer <= 8 .*got True"),
+    ("seg", ValueError, r"segment_chunks must be None or a positive integer, got 0"),
+    ("seg_float", ValueError, r"segment_chunks must be None or a positive integer .*got 2\.0"),
 ]
 
 
@@ -779,6 +802,24 @@ def test_bad_inputs_raise_clear_errors(fn, case, exc, match):
     elif case == "state_shape":
         kw["initial_state"] = STATE_CLS[op](*(torch.zeros(1, 2, 4, 4, device=DEVICE)
                                               for _ in range(len(NUM_KEYS[op]))))
+    elif case == "block_v":
+        kw["block_v"] = 48
+    elif case == "block_v_float":
+        kw["block_v"] = 64.0
+    elif case == "num_warps":
+        kw["num_warps"] = np.int64(3)
+    elif case == "num_warps_big":
+        kw["num_warps"] = 64
+    elif case == "num_stages":
+        kw["num_stages"] = 0
+    elif case == "num_stages_bool":
+        kw["num_stages"] = True
+    elif case in ("seg", "seg_float") and "segment_chunks" not in inspect.signature(fn).parameters:
+        pytest.skip("segment_chunks: chunk functions only")
+    elif case == "seg":
+        kw["segment_chunks"] = np.int32(0)
+    elif case == "seg_float":
+        kw["segment_chunks"] = 2.0
     elif case == "device":
         if DEVICE == "cpu":
             pytest.skip("needs two devices")
