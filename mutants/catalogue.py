@@ -620,6 +620,41 @@ CONFORMANCE_DEFECTS: list[Mutant] = [
 ]
 CATALOGUE += CONFORMANCE_DEFECTS
 
+# ------------------------------------------------------------------ backward: fused key/value launch
+KB = "property_tests/test_kernels_backward.py"
+PAIR = "kernels/backward_pair.py"
+BACKWARD_PAIR_DEFECTS = [
+    Mutant(
+        "pair-diagonal-dropped", "kernel-backward", PAIR,
+        "Dm = tl.where(c2 <= r2, _decay",
+        "Dm = tl.where(c2 < r2, _decay",
+        (KB,), k="float64_grads_equal and chunk",
+        description="fused reversed key/value launch: the intra-chunk mask j < r drops the "
+                    "diagonal t = j of both rules"),
+    Mutant(
+        "pair-segment-fold-undecayed", "kernel-backward", PAIR,
+        "Y = gS * Y + tl.load(dx",
+        "Y = Y + tl.load(dx",
+        (KB,), k="segments or fused_key_value",
+        description="fused reversed key/value launch: the earlier segments' carries are folded "
+                    "in without the decay g^SEG"),
+    Mutant(
+        "pair-key-stage-drops-value-rule", "kernel-backward", PAIR,
+        "outa += outb",
+        "outa = outb",
+        (KB,), k="float64_grads_equal and chunk",
+        description="fused reversed key/value launch of a key stage (a = b = k): dk gets only "
+                    "the value rule's part (da is overwritten, not added)"),
+    Mutant(
+        "error-model-backward-writers-uncounted", "error-model", ERRMODEL,
+        "return accumulation_depth(T, w, chunk_size, gamma, op=op) + CHAIN_STAGES[op] - 1",
+        "return accumulation_depth(T, w, chunk_size, gamma, op=op)",
+        ("property_tests/test_error_model.py",), k="backward",
+        description="the backward model's depth leaves out the fp32 sums of a gradient's several "
+                    "writers (dq: one per stage)"),
+]
+CATALOGUE += BACKWARD_PAIR_DEFECTS
+
 
 def _check_ids():
     seen = set()
