@@ -53,11 +53,12 @@ def _time(run, reps, group):
     return statistics.median(out)
 
 
-def _rank(rank, world, Ts, op, reps, init_file, out_file):
+def _rank(rank, world, Ts, op, reps, init_file, out_file, as_group=False, profile_T=0):
     torch.cuda.set_device(rank)
     group = None
-    if world > 1:
-        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if world > 1 or as_group:  # as_group: one rank with a process group (the exchange's own cost)
+        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                device_id=torch.device("cuda", rank))
         group = dist.group.WORLD
     fn = _fn(op)
     cap = torch.cuda.get_device_properties(rank).total_memory
@@ -95,8 +96,16 @@ def _rank(rank, world, Ts, op, reps, init_file, out_file):
         if group is not None:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
         ms = _time(step, reps, group)
+        if T == profile_T:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            if rank == 0:
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
         peaks.append((n, peak.item()))
-        row = dict(op=op, world=world, T=T, slice=n, fwd_ms=ms_f, fwdbwd_ms=ms, peak_gib=peak.item() / 2**30)
+        row = dict(op=op, world=world, T=T, slice=n, fwd_ms=ms_f, fwdbwd_ms=ms, peak_gib=peak.item() / 2**30,
+                   cp_group=group is not None)
         rows.append(row)
         if rank == 0:
             print(f"[cp] {op} world {world} T={T:8d} fwd {ms_f:9.3f} ms  fwd+bwd {ms:9.3f} ms  "
@@ -112,6 +121,8 @@ def _rank(rank, world, Ts, op, reps, init_file, out_file):
 
 def table(rows):
     """Markdown: per T, time on each world size and the speed-up over one GPU."""
+    one_cp = {r["T"]: r for r in rows if r["world"] == 1 and r.get("cp_group")}
+    rows = [r for r in rows if not (r["world"] == 1 and r.get("cp_group"))]
     worlds = sorted({r["world"] for r in rows})
     by = {(r["world"], r["T"]): r for r in rows}
     head = "| T | " + " | ".join(f"{w} GPU fwd / fwd+bwd (ms)" for w in worlds) + " | " + \
@@ -134,6 +145,10 @@ def table(rows):
     fits = {w: max((r["T"] for r in rows if r["world"] == w), default=0) for w in worlds}
     L.append("")
     L.append("Longest T run (fits): " + ", ".join(f"{w} GPU: {fits[w] // 1024}K" for w in worlds))
+    if one_cp:
+        L.append("")
+        L.append("One GPU with a process group of one rank (every launch exchanges, with itself): " + ", ".join(
+            f"{T // 1024}K {r['fwd_ms']:.2f} / {r['fwdbwd_ms']:.2f} ms" for T, r in sorted(one_cp.items())))
     return "\n".join(L)
 
 
@@ -145,6 +160,9 @@ def main(argv=None):
     ap.add_argument("--T", default=",".join(str(2**e) for e in range(17, 24)))
     ap.add_argument("--op", default="hla2", choices=["hla2", "ahla", "hla3"])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--one-rank-group", action="store_true",
+                    help="also run world 1 with a process group (the exchange's cost without other ranks)")
+    ap.add_argument("--profile-T", type=int, default=0, help="print a torch.profiler table of one step at this T")
     ap.add_argument("--table", default=None, metavar="JSON", help="only print the table of a saved bench_cp.json")
     args = ap.parse_args(argv)
     if args.table:
@@ -156,14 +174,15 @@ def main(argv=None):
     have = torch.cuda.device_count()
     rows = []
     t0 = time.time()
-    for w in worlds:
+    runs = [(w, False) for w in worlds] + ([(1, True)] if args.one_rank_group else [])
+    for w, as_group in runs:
         if w > have:
             print(f"[cp] world {w}: only {have} GPUs, skipped", flush=True)
             continue
         with tempfile.TemporaryDirectory() as tmp:
             out_file = os.path.join(tmp, "rows.json")
-            mp.start_processes(_rank, args=(w, Ts, args.op, args.reps, os.path.join(tmp, "init"), out_file),
-                               nprocs=w, join=True, start_method="spawn")
+            mp.start_processes(_rank, args=(w, Ts, args.op, args.reps, os.path.join(tmp, "init"), out_file,
+                                            as_group, args.profile_T), nprocs=w, join=True, start_method="spawn")
             with open(out_file) as fh:
                 rows += json.load(fh)
     os.makedirs(args.out, exist_ok=True)

@@ -69,11 +69,12 @@ class ContextParallel:
     world: int
     lengths: tuple      # tokens of each rank's slice
     init_grad: bool     # rank 0 has an initial state whose gradient is wanted (all ranks know)
+    gamma: torch.Tensor  # per-head gamma, float64 on the tensors' device (no host copies later)
 
-    def carry_in(self, g_power, seg, parts, boundary, shift, reverse):
+    def carry_in(self, power, seg, parts, boundary, shift, reverse):
         """The carry a launch starts its slice from.
 
-        g_power: per-head g = gamma^power (float64 [H]); seg: tokens per segment of the
+        power: the launch's decay is g = gamma^power per head; seg: tokens per segment of the
         launch; parts: its segment summaries (X [N, H, S, d, w] and, where used, the side
         carries [N, H, S, d] / [N, H, S, w]); boundary: the carry this rank brings (same
         layout without the segment axis, or None for zero). Returns the carries, one per
@@ -82,10 +83,11 @@ class ContextParallel:
         L = self.lengths[self.rank]
         n_seg = parts[0].shape[2]
         ends = [min((s + 1) * seg, L) for s in range(n_seg)]
-        dev, dt = parts[0].device, parts[0].dtype
+        dt = parts[0].dtype
+        g_power = self.gamma ** power  # device ops with Python exponents: nothing waits on the GPU
         # g^(L - end_s): Horner over the segments, as the kernel folds them
-        w = torch.stack([g_power ** (L - e) for e in ends], 1).to(device=dev, dtype=dt)   # [H, S]
-        lead = g_power.to(device=dev, dtype=dt) if shift else None
+        w = torch.stack([g_power ** (L - e) for e in ends], 1).to(dt)   # [H, S]
+        lead = g_power.to(dt) if shift else None
         W, own = [], []
         for x, b in zip(parts, boundary):
             wv = w.view((1,) + w.shape + (1,) * (x.dim() - 3))
@@ -115,7 +117,7 @@ class ContextParallel:
 
     @staticmethod
     def _rho(g_power, length, like):
-        r = (g_power ** length).to(device=like.device, dtype=like.dtype)
+        r = (g_power ** length).to(like.dtype)
         return r.view((1, -1) + (1,) * (like.dim() - 2))
 
 
@@ -165,7 +167,7 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
     dist.all_gather(gg, g, group=group)
     if any(not torch.equal(gg[0].cpu(), x.cpu()) for x in gg[1:]):
         raise ValueError(f"cp_group: the ranks disagree on gamma: {[x.cpu().tolist() for x in gg]}")
-    return ContextParallel(group, rank, world, lengths, bool(got[0][len(names) + 2].item()))
+    return ContextParallel(group, rank, world, lengths, bool(got[0][len(names) + 2].item()), g)
 
 
 def chain_id(chain) -> float:

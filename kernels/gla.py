@@ -517,7 +517,7 @@ class Chain:
                 parts.append(("x1_0", dx1, init[1]))
             if QS:
                 parts.append(("xr0", dxr, xr_init))
-            got = self.cp.carry_in(p["g64"] ** power, SEG, [x for _, x, _ in parts], [b for _, _, b in parts],
+            got = self.cp.carry_in(power, SEG, [x for _, x, _ in parts], [b for _, _, b in parts],
                                    shift=bool(shift), reverse=bool(reverse))
             args.update({name: x for (name, _, _), x in zip(parts, got)})
             flags.update(HAS_INIT=True, SHIFT=bool(shift))

@@ -32,8 +32,8 @@ def inputs(sc, device="cpu"):
     cls = OPS[sc["op"]][1]
     # a template state gives the shapes: run one token without a state
     with torch.no_grad():
-        _, tmpl = OPS[sc["op"]][0](q[:, :1], k[:, :1], v[:, :1], gamma=_gamma(sc), normalize=sc["normalize"],
-                                   output_final_state=True)
+        one = [x[:, :1].to(device) for x in (q, k, v)]
+        _, tmpl = OPS[sc["op"]][0](*one, gamma=_gamma(sc), normalize=sc["normalize"], output_final_state=True)
     init = None
     if sc.get("init"):
         init = cls(*[None if x is None else (rnd(*x.shape).abs() if sc["normalize"] else rnd(*x.shape)) / T
