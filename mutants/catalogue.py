@@ -655,6 +655,45 @@ BACKWARD_PAIR_DEFECTS = [
 ]
 CATALOGUE += BACKWARD_PAIR_DEFECTS
 
+CP = "kernels/cp.py"
+CPT = "property_tests/test_cp.py"
+CP_DEFECTS = [
+    Mutant(
+        "cp-fold-undecayed", "context-parallel", CP,
+        "acc = combine(acc, got[s][off:off + n].view(x.shape), self._rho(g_power, self.lengths[s], x))",
+        "acc = combine(acc, got[s][off:off + n].view(x.shape), 1.0)",
+        (CPT,), k="ranks_equal_one_process and not gpu",
+        description="context parallel: the earlier ranks' carries are folded without the decay "
+                    "over the ranks in between (rho = 1)"),
+    Mutant(
+        "cp-reverse-not-shifted", "context-parallel", CP,
+        "lead = g_power.to(dt) if shift else None",
+        "lead = None",
+        (CPT,), k="ranks_equal_one_process and not gpu",
+        description="context parallel backward: a slice read backward in time hands on Z, not g Z "
+                    "(the shifted carry of a final-state cotangent)"),
+    Mutant(
+        "cp-last-segment-unsummarized", "context-parallel", GLA,
+        "nsum = nseg if self.cp is not None else nseg - 1",
+        "nsum = nseg - 1",
+        (CPT,), k="ranks_equal_one_process and not gpu",
+        description="context parallel: the slice's summary leaves out its last segment"),
+    Mutant(
+        "cp-own-carry-dropped", "context-parallel", CP,
+        "out.append((acc if b is None else acc + b).contiguous())",
+        "out.append(acc.contiguous())",
+        (CPT,), k="ranks_equal_one_process and not gpu",
+        description="context parallel: a rank's own carry (rank 0's initial state, a final-state "
+                    "cotangent) is left out of the carry it starts from"),
+    Mutant(
+        "cp-initial-state-anywhere", "context-parallel", CP,
+        "    if any(has[1:]):",
+        "    if False:",
+        (CPT,), k="bad_use",
+        description="context parallel: an initial state given on a rank other than 0 is silently used"),
+]
+CATALOGUE += CP_DEFECTS
+
 
 def _check_ids():
     seen = set()
