@@ -97,16 +97,20 @@ def _la_rev_pair_kernel(q, a, b, dn, oa, ob, acc_a, acc_b, log2g_ptr, pow_ptr, d
         Y = gC * Y + tl.dot(tl.trans(qg), nd, input_precision=PREC, out_dtype=ACC)
 
 
+# (num_warps, num_stages) for 2-byte operand tiles (BK, BW), from the sweep of
+# `python -m kernels.bench --train` on an H100 (docs/benchmarks.md); the bench overwrites
+# an entry with its own sweep's best before it times the training rows.
+LAUNCH_2BYTE = {(64, 64): (4, 3), (128, 128): (8, 2)}
+
+
 def pair_launch_config(dot, d: int, w: int, num_warps=None, num_stages=None):
     """(BK, BW, launch kwargs): full-width tiles (one program holds the d x w carry)."""
     mb = 64 if dot in (tl.bfloat16, tl.float16) else 16
     BK = max(mb, triton.next_power_of_2(d))
     BW = max(mb, triton.next_power_of_2(w))
-    if num_stages is None:
-        num_stages = 2 if mb == 64 and max(BK, BW) <= 128 else 1
-    if num_warps is None:
-        num_warps = 8 if BK * BW >= 128 * 64 else 4
-    return BK, BW, dict(num_stages=num_stages, num_warps=num_warps)
+    nw, ns = LAUNCH_2BYTE.get((BK, BW), (8 if BK * BW >= 128 * 64 else 4, 2)) if mb == 64 else \
+        (8 if BK * BW >= 128 * 64 else 4, 1)
+    return BK, BW, dict(num_stages=num_stages or ns, num_warps=num_warps or nw)
 
 
 def reversed_pair(la, q, a, b, dN, power, *, same=False, out_a=None, acc_a=None, dtype_a=None,
