@@ -34,6 +34,7 @@ DOCS = ROOT / "docs"
 BENCH = json.loads((DOCS / "bench.json").read_text())
 NUM = json.loads((DOCS / "numerics.json").read_text())["rows"]
 MPM = json.loads((DOCS / "numerics_mpmath.json").read_text())
+NUMB = json.loads((DOCS / "numerics_backward.json").read_text())["rows"]
 
 NUM_RE = r"(\d+(?:\.\d+)?(?:e[+-]?\d+)?)"
 
@@ -265,6 +266,42 @@ def test_numerics_tables_are_the_printers():
     for block in _printed(tables, DOCS / "numerics.json", DOCS / "numerics_mpmath.json").strip().split("\n\n"):
         assert block.strip() in text, \
             "docs/numerics.md's tables differ from `python -m kernels.numerics --tables --out docs`"
+
+
+def test_numerics_backward_table_is_the_printer():
+    from kernels.numerics import backward_tables
+    table = _printed(backward_tables, DOCS / "numerics_backward.json").strip()
+    assert table in (DOCS / "numerics.md").read_text(), \
+        "docs/numerics.md's gradient table differs from `python -m kernels.numerics --backward-tables --out docs`"
+
+
+def _bwd_range(dtype, key):
+    vals = [r[f"d{n}_{key}"] for r in NUMB if r["dtype"] == dtype for n in "qkv" if f"d{n}_{key}" in r]
+    return min(vals), max(vals)
+
+
+BACKWARD_FIGURES = [
+    Figure("bf16 and fp32 gradient ranges", "docs/numerics.md",
+           rf"bf16 {N} – {N} from T = 256 to 16K for all three operators, with and without decay \(the "
+           rf"same level as the forward's outputs\); fp32 {N} – {N},",
+           lambda: _bwd_range("bf16", "rel") + _bwd_range("fp32", "rel"), sig=2),
+    Figure("recurrent gradient ranges", "docs/numerics.md",
+           rf"recurrent kernels' bf16 gradients are {N} – {N} .*?; fp32 {N} – {N}\.",
+           lambda: _bwd_range("bf16", "rec_rel") + _bwd_range("fp32", "rec_rel"), sig=2),
+    Figure("margin under the backward bound", "docs/numerics.md",
+           rf"at least {N}× under the model's bound for bf16 \(AHLA, T = 256\) and at least {N}× for fp32",
+           lambda: tuple(min(r["rho_b"] / r["max_vs_gabs"] for r in NUMB if r["dtype"] == dt)
+                         for dt in ("bf16", "fp32")), sig=2),
+    Figure("backward rho at the GPU test shape", "docs/numerics.md",
+           rf"second order / HLA3: bf16 {N} / {N}, fp16 \(TF32 operands\) {N} / {N}, fp32 {N} / {N}\.",
+           lambda: tuple(em.backward_normwise_coefficient(dt, T=300, d=64, chunk_size=64, gamma=0.95, op=op)
+                         for dt in ("bfloat16", "float16", "float32") for op in (None, "hla3")), sig=2),
+]
+
+
+@pytest.mark.parametrize("fig", BACKWARD_FIGURES, ids=[f.name for f in BACKWARD_FIGURES])
+def test_backward_figure_matches_its_data(fig):
+    fig.check()
 
 
 def test_shown_rounds_like_the_prose():
