@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEADS = 4096  # gamma travels padded to this length in the one setup collective
 
 
 def _la_module():
@@ -141,33 +142,36 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
              "output_final_state", "requires grad (q, k, v)", "cu_seqlens given"]
     head = _header(p, q, [chain_id, float(bool(normalize)), float(eps), float(scale), float(chunk_size),
                           float(bool(output_final_state)), float(needs), float(p["cu"] is not None)])
-    # the gamma values are compared only once the head count is known to agree
+    # one collective: the header, this rank's length and initial-state flags, and gamma
+    # padded to MAX_HEADS (compared once the head count is known to agree)
     dev = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if p["H"] > MAX_HEADS:
+        raise ValueError(f"cp_group: at most {MAX_HEADS} heads, got {p['H']}")
+    gpad = torch.full((MAX_HEADS,), -1.0, dtype=torch.float64)
+    gpad[:p["H"]] = p["g64"].cpu()
     extra = torch.tensor([p["T"], float(bool(has_init)), float(bool(init_grad))], dtype=torch.float64)
-    mine = torch.cat([head, extra]).to(dev)
+    mine = torch.cat([head, extra, gpad]).to(dev)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
-    got = [x.cpu() for x in got]
+    got = torch.stack(got).cpu()   # the one wait on the other ranks
     for i, name in enumerate(names):
-        vals = [x[i].item() for x in got]
+        vals = got[:, i].tolist()
         if len(set(vals)) > 1:
             shown = [(_DTYPES[int(v)] if name == "dtype" else v) for v in vals]
             raise ValueError(f"cp_group: the ranks disagree on {name}: {shown} (rank 0, 1, ...)")
+    n = len(names)
+    if any(not torch.equal(got[0, n + 3:], x[n + 3:]) for x in got[1:]):
+        raise ValueError(f"cp_group: the ranks disagree on gamma: {got[:, n + 3:n + 3 + p['H']].tolist()}")
     if p["cu"] is not None:  # raised after the exchange: every rank raises, none waits
         raise ValueError("cu_seqlens: not supported together with cp_group (each rank's slice is one "
                          "contiguous part of B equal-length sequences)")
-    lengths = tuple(int(x[len(names)].item()) for x in got)
-    has = [bool(x[len(names) + 1].item()) for x in got]
+    lengths = tuple(int(x) for x in got[:, n].tolist())
+    has = [bool(x) for x in got[:, n + 1].tolist()]
     if any(has[1:]):
         raise ValueError(f"initial_state: with cp_group it is taken on rank 0 only (the other ranks start "
                          f"from the carry of the ranks before them); given on ranks "
                          f"{[r for r, h in enumerate(has) if h and r > 0]}")
-    g = p["g64"].to(dev)
-    gg = [torch.empty_like(g) for _ in range(world)]
-    dist.all_gather(gg, g, group=group)
-    if any(not torch.equal(gg[0].cpu(), x.cpu()) for x in gg[1:]):
-        raise ValueError(f"cp_group: the ranks disagree on gamma: {[x.cpu().tolist() for x in gg]}")
-    return ContextParallel(group, rank, world, lengths, bool(got[0][len(names) + 2].item()), g)
+    return ContextParallel(group, rank, world, lengths, bool(got[0, n + 2].item()), p["g64"].to(dev))
 
 
 def chain_id(chain) -> float:
