@@ -192,20 +192,19 @@ def _plan(chain, need, has_init):
 PAIR = os.environ.get("HLA_BWD_PAIR", "1") != "0"
 
 
-def _pair_stages(chain, la, steps, normalize, dfin, has_init):
+def _pair_stages(chain, la, steps, normalize, has_init):
     """Stages whose key and value rules run as one fused reversed launch: chunk mode, both
-    rules wanted, no side channel, no carry in (final-state cotangent) or out (initial-state
-    gradient), no context parallelism, head sizes above 1 (kernels/gla.py's D, DV = 1 note)."""
+    rules wanted, no side channel, no carry out (initial-state gradient), head sizes above 1
+    (kernels/gla.py's D, DV = 1 note). The same on every rank of a context-parallel group
+    (each launch exchanges carries): nothing here depends on a rank's own arguments."""
     p = la.p
-    if not PAIR or la.mode != "chunk" or la.cp is not None or min(p["d"], p["dv"]) < 2:
+    if not PAIR or la.mode != "chunk" or min(p["d"], p["dv"]) < 2:
         return set()
     ok = set()
     for i, s in enumerate(chain):
         if not {"a", "b"} <= {r.target for j, r, _ in steps if j == i}:
             continue
         if normalize and s.side is not None:
-            continue
-        if dfin.get(s.state) is not None or (s.side is not None and dfin.get(s.side) is not None):
             continue
         if has_init[s.state]:
             continue
@@ -232,7 +231,7 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
     if la.cp is not None:  # every rank plans the launches rank 0 needs (each one exchanges carries)
         has_init = {s.state: la.cp.init_grad for s in chain}
     steps = _plan(chain, need, has_init)
-    pair = _pair_stages(chain, la, steps, normalize, dfin, has_init)
+    pair = _pair_stages(chain, la, steps, normalize, has_init)
     writers = {}
     for i, r, tgt in steps:
         if i in pair and r.target == "b" and chain[i].key == chain[i].value:
@@ -292,11 +291,12 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
             oa, aa, da_t = place(tgt)
             if s.key == s.value:
                 cot[tgt], _ = reversed_pair(la, p["q"], a, b, dN, s.power, same=True, out_a=oa, acc_a=aa,
-                                            dtype_a=da_t, **kn)
+                                            dtype_a=da_t, init=dXf, **kn)
             else:
                 ob, ab, db_t = place(s.value)
                 cot[tgt], cot[s.value] = reversed_pair(la, p["q"], a, b, dN, s.power, out_a=oa, acc_a=aa,
-                                                       dtype_a=da_t, out_b=ob, acc_b=ab, dtype_b=db_t, **kn)
+                                                       dtype_a=da_t, out_b=ob, acc_b=ab, dtype_b=db_t, init=dXf,
+                                                       **kn)
             continue
         X0, X10 = st.get(s.state), (st.get(s.side) if use_side else None)
         if not use_side:

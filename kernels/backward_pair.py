@@ -17,9 +17,9 @@ With SAME (a and b are one tensor with one target, the key stage of HLA2 / HLA3:
 k) the two are summed into one output. Sequence segments reuse the LA summary kernel
 (kernels/gla.py; its carry with key q and value dN is Y's segment part).
 
-Scope: chunk mode, no side channels (normalize), no carry in (final-state cotangent) and
-no carry out (initial-state gradient), no context parallelism; kernels/backward.py falls
-back to the two launches otherwise.
+Scope: chunk mode, no side channels (normalize), no carry out (initial-state gradient);
+a carry in (final-state cotangent, and across ranks, kernels/cp.py) enters like the
+chunk kernel's SHIFT. kernels/backward.py falls back to the two launches otherwise.
 """
 from __future__ import annotations
 
@@ -32,12 +32,15 @@ from .gla import _la_summary_kernel, _rows, _seq_bounds, segment_chunks_auto
 
 
 @triton.jit
-def _la_rev_pair_kernel(q, a, b, dn, oa, ob, acc_a, acc_b, log2g_ptr, pow_ptr, dx, cu,
+def _la_rev_pair_kernel(q, a, b, dn, oa, ob, acc_a, acc_b, log2g_ptr, pow_ptr, dx, cu, y0,
                         T, H, D, W, SEG, NSUM,
                         BK: tl.constexpr, BW: tl.constexpr, C: tl.constexpr, VARLEN: tl.constexpr,
                         DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TABLE: tl.constexpr,
-                        SAME: tl.constexpr, ACCUM_A: tl.constexpr, ACCUM_B: tl.constexpr):
+                        SAME: tl.constexpr, ACCUM_A: tl.constexpr, ACCUM_B: tl.constexpr,
+                        HAS_INIT: tl.constexpr = False):
     # program (nh, s): sequence-head nh, segment s (tokens in logical reversed order)
+    # HAS_INIT: Y starts from y0 [N, H, D, W], a final-state cotangent: shifted as the chunk
+    # kernel's SHIFT (it enters token tau with g^tau)
     nh = tl.program_id(0)
     s = tl.program_id(1)
     h = nh % H
@@ -52,11 +55,16 @@ def _la_rev_pair_kernel(q, a, b, dn, oa, ob, acc_a, acc_b, log2g_ptr, pow_ptr, d
     sbase = nh.to(tl.int64)
     y_msk = mk[:, None] & mw[None, :]
     Y = tl.zeros((BK, BW), dtype=ACC)
+    if HAS_INIT:
+        Y = tl.load(y0 + sbase * D * W + ok[:, None] * W + ow[None, :], mask=y_msk, other=0).to(ACC)
     start = s * SEG
     stop = tl.minimum(start + SEG, L)
     gS = tl.exp2(lg * SEG)
     for sp in range(0, tl.minimum(s, NSUM)):  # Horner over the earlier segments' summaries
-        Y = gS * Y + tl.load(dx + (sbase * NSUM + sp) * D * W + ok[:, None] * W + ow[None, :],
+        fS = gS
+        if HAS_INIT:
+            fS = tl.where(sp == 0, tl.exp2(lg * (SEG - 1)), gS)  # the initial carry: g^(SEG-1)
+        Y = fS * Y + tl.load(dx + (sbase * NSUM + sp) * D * W + ok[:, None] * W + ow[None, :],
                              mask=y_msk, other=0)
     r2 = oc[:, None]
     c2 = oc[None, :]
@@ -77,12 +85,17 @@ def _la_rev_pair_kernel(q, a, b, dn, oa, ob, acc_a, acc_b, log2g_ptr, pow_ptr, d
         qd = qb.to(DOT)
         gk = tl.where(mr, _decay(lg, pw, tl.maximum(Lc - 1 - oc, 0), TABLE), 0)          # g^(Lc-1-j)
         gC = _decay(lg, pw, Lc, TABLE)                                                   # g^Lc
+        bc_ = bc
+        if HAS_INIT:
+            f0 = tl.where(cs == 0, 1, 0)  # the first chunk: the initial carry is one decay ahead
+            bc_ = _decay(lg, pw, oc + 1 - f0, TABLE)
+            gC = _decay(lg, pw, Lc - f0, TABLE)
         Yd = Y.to(DOT)
         Ab = tl.dot(ad, tl.trans(qd), input_precision=PREC, out_dtype=ACC) * Dm         # (a_r . q_j)
-        outb = bc[:, None] * tl.dot(ad, Yd, input_precision=PREC, out_dtype=ACC)
+        outb = bc_[:, None] * tl.dot(ad, Yd, input_precision=PREC, out_dtype=ACC)
         outb += tl.dot(Ab.to(DOT), nd, input_precision=PREC, out_dtype=ACC)             # [C, W]
         Aa = tl.dot(bd, tl.trans(nd), input_precision=PREC, out_dtype=ACC) * Dm         # (b_r . dN_j)
-        outa = bc[:, None] * tl.dot(bd, tl.trans(Yd), input_precision=PREC, out_dtype=ACC)
+        outa = bc_[:, None] * tl.dot(bd, tl.trans(Yd), input_precision=PREC, out_dtype=ACC)
         outa += tl.dot(Aa.to(DOT), qd, input_precision=PREC, out_dtype=ACC)             # [C, D]
         if SAME:  # D == W: one output, da + db
             outa += outb
@@ -114,12 +127,14 @@ def pair_launch_config(dot, d: int, w: int, num_warps=None, num_stages=None):
 
 
 def reversed_pair(la, q, a, b, dN, power, *, same=False, out_a=None, acc_a=None, dtype_a=None,
-                  out_b=None, acc_b=None, dtype_b=None, num_warps=None, num_stages=None):
+                  out_b=None, acc_b=None, dtype_b=None, num_warps=None, num_stages=None, init=None):
     """(da, db) of one stage (db None with same: da + db in one output).
 
     la: the forward's Chain (kernels/gla.py: chunk mode, decays, segments); q [B, T, H, d]
     the token query, a [.., d], b and dN [.., w]. out_* / acc_* / dtype_*: as Chain's out /
-    acc / out_dtype for each output (acc may be out itself)."""
+    acc / out_dtype for each output (acc may be out itself). init: the cotangent of the
+    stage's final carry [N, H, d, w] or None; with context parallelism (la.cp) this rank's
+    own, and the carry from the later ranks is folded in (kernels/cp.py)."""
     p = la.p
     B, T, H, N, sdt = p["B"], p["T"], p["H"], p["N"], p["sdt"]
     d, w = a.shape[-1], b.shape[-1]
@@ -144,15 +159,21 @@ def reversed_pair(la, q, a, b, dN, power, *, same=False, out_a=None, acc_a=None,
     ACC = tl.float64 if sdt == torch.float64 else tl.float32
     cu = p["cu"] if p["cu"] is not None else oa
     dx = oa
-    if nseg > 1:  # Y's segment parts: the LA summary with key q, value dN, reversed
-        dx = torch.empty((N, H, nseg - 1, d, w), dtype=sdt, device=dev)
-        _la_summary_kernel[(1, N * H, nseg - 1)](
-            q, dN, oa, dx, oa, log2g, table, cu, oa, oa, T, H, d, w, SEG, nseg - 1,
+    nsum = nseg if la.cp is not None else nseg - 1  # across ranks: the slice's summary too
+    if nsum > 0:  # Y's segment parts: the LA summary with key q, value dN, reversed
+        dx = torch.empty((N, H, nsum, d, w), dtype=sdt, device=dev)
+        _la_summary_kernel[(1, N * H, nsum)](
+            q, dN, oa, dx, oa, log2g, table, cu, oa, oa, T, H, d, w, SEG, nsum,
             SIDE=0, VARLEN=p["cu"] is not None, ACC=ACC, REV=True, QS=0, KS=1,
             BK=BK, BV=BW, C=C, DOT=DOT, PREC=PREC, TABLE=TABLE, **launch)
+    if la.cp is not None:
+        (init,) = la.cp.carry_in(power, SEG, [dx], [init], shift=True, reverse=True)
+    elif init is not None:
+        init = init.contiguous()
     _la_rev_pair_kernel[(N * H, nseg)](
         q, a, b, dN, oa, ob, acc_a if acc_a is not None else oa, acc_b if acc_b is not None else oa,
-        log2g, table, dx, cu, T, H, d, w, SEG, nseg - 1,
+        log2g, table, dx, cu, init if init is not None else oa, T, H, d, w, SEG, nsum,
         BK=BK, BW=BW, C=C, VARLEN=p["cu"] is not None, DOT=DOT, ACC=ACC, PREC=PREC, TABLE=TABLE,
-        SAME=bool(same), ACCUM_A=acc_a is not None, ACCUM_B=acc_b is not None and not same, **launch)
+        SAME=bool(same), ACCUM_A=acc_a is not None, ACCUM_B=acc_b is not None and not same,
+        HAS_INIT=init is not None, **launch)
     return oa, (None if same else ob)

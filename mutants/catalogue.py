@@ -691,6 +691,13 @@ CP_DEFECTS = [
         "    if False:",
         (CPT,), k="bad_use",
         description="context parallel: an initial state given on a rank other than 0 is silently used"),
+    Mutant(
+        "pair-carry-in-unshifted", "kernel-backward", "kernels/backward_pair.py",
+        "bc_ = _decay(lg, pw, oc + 1 - f0, TABLE)",
+        "bc_ = _decay(lg, pw, oc + 1, TABLE)",
+        ("property_tests/test_kernels_backward.py",), k="fused_key_value",
+        description="fused reversed key/value launch: a final-state cotangent (or the later ranks' "
+                    "carry) enters the first token one decay too late"),
 ]
 CATALOGUE += CP_DEFECTS
 

@@ -269,7 +269,8 @@ def test_float64_grads_with_sequence_segments(op):
 def test_fused_key_value_launch_equals_two_launches(op, monkeypatch):
     """kernels/backward_pair.py (a stage's key and value rules in one reversed launch, on by
     default where it applies) against the two reversed launches, float64 to 1e-12: varlen,
-    forced segments, a per-head decay; and where it applies (kernels.backward._pair_stages)."""
+    forced segments, a per-head decay, a cotangent on the final state (the fused launch's
+    carry in); and where it applies (kernels.backward._pair_stages)."""
     import kernels.backward as kb
     from kernels.hla2 import CHAIN as C2
     from kernels.hla3 import CHAIN as C3
@@ -281,8 +282,12 @@ def test_fused_key_value_launch_equals_two_launches(op, monkeypatch):
     for fused in (True, False):
         monkeypatch.setattr(kb, "PAIR", fused)
         xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        o, _ = FNS[(op, "chunk")](*xs, gamma=g, chunk_size=16, cu_seqlens=cu, segment_chunks=1)
-        (o * do).sum().backward()
+        o, fin = FNS[(op, "chunk")](*xs, gamma=g, chunk_size=16, cu_seqlens=cu, segment_chunks=1,
+                                    output_final_state=True)
+        gen = torch.Generator().manual_seed(9)
+        loss = (o * do).sum() + sum((x * torch.randn(x.shape, generator=gen, dtype=F64).to(x.device)).sum()
+                                    for x in fin if x is not None)
+        loss.backward()
         res[fused] = [x.grad for x in xs]
     for name, a, b in zip("qkv", res[True], res[False]):
         assert _rel(a.cpu(), b.cpu()) <= 1e-12, (op, name)
@@ -294,18 +299,17 @@ def test_fused_key_value_launch_equals_two_launches(op, monkeypatch):
     for chain, nz, want in ((C2, False, {0, 1}), (C2, True, {0}), (C3, False, {0, 1, 2}), (C3, True, {0})):
         none = {s.state: False for s in chain}
         steps = kb._plan(chain, all_need, none)
-        assert kb._pair_stages(chain, _La, steps, nz, {}, none) == want, (chain, nz)
-    # a stage whose key rule is not needed (no grad for k in HLA2's key stage), a final-state
-    # cotangent, an initial-state gradient, recurrent mode: two launches
+        assert kb._pair_stages(chain, _La, steps, nz, none) == want, (chain, nz)
+    # a stage whose key rule is not needed (no grad for k in HLA2's key stage), an
+    # initial-state gradient, recurrent mode: two launches
     steps = kb._plan(C2, dict(q=True, k=False, v=True, init=False), {s.state: False for s in C2})
-    assert kb._pair_stages(C2, _La, steps, False, {}, {s.state: False for s in C2}) == {1}
+    assert kb._pair_stages(C2, _La, steps, False, {s.state: False for s in C2}) == {1}
     steps = kb._plan(C2, all_need, {s.state: False for s in C2})
-    assert kb._pair_stages(C2, _La, steps, False, {"KK": torch.zeros(1)}, {s.state: False for s in C2}) == {1}
-    assert kb._pair_stages(C2, _La, steps, False, {}, {"KK": False, "KK_QV": True}) == {0}
+    assert kb._pair_stages(C2, _La, steps, False, {"KK": False, "KK_QV": True}) == {0}
 
     class _Rec(_La):
         mode = "recurrent"
-    assert kb._pair_stages(C2, _Rec, steps, False, {}, {s.state: False for s in C2}) == set()
+    assert kb._pair_stages(C2, _Rec, steps, False, {s.state: False for s in C2}) == set()
 
 
 def examples(ci: int, gpu: int = 10):
