@@ -192,17 +192,29 @@ def _plan(chain, need, has_init):
 PAIR = os.environ.get("HLA_BWD_PAIR", "1") != "0"
 
 
+PAIR_MAX_WIDTH = 64  # a stage with a != b is fused only up to this head size (H100 sweep)
+
+
 def _pair_stages(chain, la, steps, normalize, has_init):
     """Stages whose key and value rules run as one fused reversed launch: chunk mode, both
     rules wanted, no side channel, no carry out (initial-state gradient), head sizes above 1
     (kernels/gla.py's D, DV = 1 note). The same on every rank of a context-parallel group
-    (each launch exchanges carries): nothing here depends on a rank's own arguments."""
+    (each launch exchanges carries): nothing here depends on a rank's own arguments.
+    Measured on an H100 (docs/benchmarks.md, bf16, T = 16K): a key stage (a = b = k, one
+    output) is faster fused at d = 64 and 128; a stage with a != b (two outputs) is faster
+    fused at d = 64 but slower at d = 128 (one program holds the 128 x 128 carry), so such a
+    stage is fused only where its key and value widths are at most PAIR_MAX_WIDTH."""
     p = la.p
     if not PAIR or la.mode != "chunk" or min(p["d"], p["dv"]) < 2:
         return set()
+    width = {"k": p["d"], "v": p["dv"]}
+    for s in chain:
+        width[s.state] = width[s.value]
     ok = set()
     for i, s in enumerate(chain):
         if not {"a", "b"} <= {r.target for j, r, _ in steps if j == i}:
+            continue
+        if s.key != s.value and max(width[s.key], width[s.value]) > PAIR_MAX_WIDTH:
             continue
         if normalize and s.side is not None:
             continue

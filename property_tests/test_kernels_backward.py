@@ -307,6 +307,12 @@ def test_fused_key_value_launch_equals_two_launches(op, monkeypatch):
     steps = kb._plan(C2, all_need, {s.state: False for s in C2})
     assert kb._pair_stages(C2, _La, steps, False, {"KK": False, "KK_QV": True}) == {0}
 
+    class _Wide(_La):  # head size 128: only the key stages (a = b = k) are fused
+        p = {"d": 128, "dv": 128}
+    assert kb._pair_stages(C2, _Wide, steps, False, {s.state: False for s in C2}) == {0}
+    steps3 = kb._plan(C3, all_need, {s.state: False for s in C3})
+    assert kb._pair_stages(C3, _Wide, steps3, False, {s.state: False for s in C3}) == {0}
+
     class _Rec(_La):
         mode = "recurrent"
     assert kb._pair_stages(C2, _Rec, steps, False, {s.state: False for s in C2}) == set()
