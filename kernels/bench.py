@@ -217,7 +217,12 @@ def train(args):
             acc = la(k, dn, q, 1, reverse=True, out_dtype=torch.float32)[0]
             la(k, q, dn, 1, reverse=True, acc=acc, out_dtype=bf)
         cases = [("two reversed LAs (output stage)", two_out), ("two reversed LAs (key stage, fp32 acc)", two_key)]
-        for nw, ns in ([(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)] if T >= 16384 else [(8, 2)]):
+        if T < 16384:
+            del q, k, v, p, la, dq32, dn
+            continue  # the launch rows are taken at T = 16K only
+        configs = [(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)] if args.pair_sweep else \
+            [backward_pair.LAUNCH_2BYTE.get((max(64, triton.next_power_of_2(d)),) * 2, (8, 2))]
+        for nw, ns in configs:
             cases.append((f"fused pair (output stage) warps={nw} stages={ns}",
                           lambda nw=nw, ns=ns: reversed_pair(la, q, k, v, dn, 2, dtype_a=bf, dtype_b=bf,
                                                              num_warps=nw, num_stages=ns)))
@@ -250,7 +255,7 @@ def train(args):
             if (r["T"], r["d"]) == (T, d) and r["launch"].startswith("fused pair") and "warps=" in r["launch"]:
                 cfg = r["launch"].split(") ")[1]
                 swept[cfg] = swept.get(cfg, 0.0) + r["ms"]
-        if T >= 16384 and swept:  # the training rows use this sweep's best (output + key stage)
+        if args.pair_sweep and swept:  # the training rows use this sweep's best (output + key stage)
             best = min(swept, key=swept.get)
             nw, ns = (int(x.split("=")[1]) for x in best.split())
             bk = max(64, triton.next_power_of_2(d))
@@ -371,6 +376,8 @@ def main(argv=None):
     ap.add_argument("--train-shapes", default="4096,64;16384,64;4096,128;16384,128", help="'T,d;T,d' for --train")
     ap.add_argument("--train-inplace-baseline", action="store_true",
                     help="--train: also the in-place plain-torch HLA2 (autograd of it takes ~1.6 s at 16K, 128)")
+    ap.add_argument("--pair-sweep", action="store_true",
+                    help="--train: sweep the fused key/value launch's warps and stages at T = 16K first")
     ap.add_argument("--train-plot", default=None, metavar="JSON", help="only plot a saved bench_train.json")
     ap.add_argument("--quick", action="store_true", help="only (4096, 64)")
     ap.add_argument("--block-v", type=int, default=None)
