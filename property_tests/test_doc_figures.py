@@ -268,6 +268,14 @@ def test_numerics_tables_are_the_printers():
             "docs/numerics.md's tables differ from `python -m kernels.numerics --tables --out docs`"
 
 
+def test_training_table_is_the_printer():
+    from kernels.bench import print_train_table
+    rows = json.loads((DOCS / "bench_train.json").read_text())["rows"]
+    table = _printed(print_train_table, rows).strip()
+    assert table in (DOCS / "benchmarks.md").read_text(), \
+        "docs/benchmarks.md's training table differs from `python -m kernels.bench --train-table docs/bench_train.json`"
+
+
 def test_numerics_backward_table_is_the_printer():
     from kernels.numerics import backward_tables
     table = _printed(backward_tables, DOCS / "numerics_backward.json").strip()
