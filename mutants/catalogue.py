@@ -633,7 +633,7 @@ BACKWARD_PAIR_DEFECTS = [
                     "diagonal t = j of both rules"),
     Mutant(
         "pair-segment-fold-undecayed", "kernel-backward", PAIR,
-        "Y = gS * Y + tl.load(dx",
+        "Y = fS * Y + tl.load(dx",
         "Y = Y + tl.load(dx",
         (KB,), k="segments or fused_key_value",
         description="fused reversed key/value launch: the earlier segments' carries are folded "
