@@ -25,8 +25,11 @@ derivations: $(STAMP)
 check: $(STAMP)
 	$(VPY) -m derivations --check
 
+# JOBS pytest-xdist workers (the suite is CPU-bound and single-threaded per test)
+JOBS    ?= 2
+
 test: $(STAMP)
-	TRITON_INTERPRET=1 HYPOTHESIS_PROFILE=$(PROFILE) $(VPY) -m pytest property_tests
+	TRITON_INTERPRET=1 HYPOTHESIS_PROFILE=$(PROFILE) $(VPY) -m pytest -n $(JOBS) property_tests
 
 bench: $(STAMP)
 	$(VPY) -m kernels.bench
