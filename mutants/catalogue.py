@@ -238,7 +238,7 @@ CATALOGUE: list[Mutant] = [
         "error-model-operand-roundoff-fp32", "error-model", ERRMODEL,
         "u_op = OPERAND_ROUNDOFF[name]",
         'u_op = OPERAND_ROUNDOFF["float32"]',
-        (K2,), k="low_precision and bfloat16 and hla2 and chunk",
+        (K2,), k="low_precision and bfloat16 and hla2 and chunk", scope="def beta(",
         description="the operand roundoff is fp32's for every dtype: the bf16 bound is far "
                     "too tight"),
     Mutant(
