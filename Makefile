@@ -25,11 +25,12 @@ derivations: $(STAMP)
 check: $(STAMP)
 	$(VPY) -m derivations --check
 
-# JOBS pytest-xdist workers (the suite is CPU-bound and single-threaded per test)
+# JOBS pytest-xdist workers (the suite is CPU-bound; one BLAS / OpenMP thread per worker)
 JOBS    ?= 2
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 HYPOTHESIS_PROFILE=$(PROFILE) $(VPY) -m pytest -n $(JOBS) property_tests
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 TRITON_INTERPRET=1 HYPOTHESIS_PROFILE=$(PROFILE) \
+		$(VPY) -m pytest -n $(JOBS) property_tests
 
 bench: $(STAMP)
 	$(VPY) -m kernels.bench

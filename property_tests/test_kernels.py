@@ -548,10 +548,12 @@ def test_low_precision_signed(op, mode, dtype, data):
 
 
 @OPS_MODES
-@examples(25)
+@examples(12)
 @given(data=st.data())
 def test_adversarial_magnitudes(op, mode, data):
-    """Rows scaled by 2^U(-12, 12): errors stay inside the bound relative to |op|."""
+    """Rows scaled by 2^U(-12, 12): errors stay inside the bound relative to |op|. (12
+    examples per case in CI, where the recurrent forms run token by token in the
+    interpreter; 16x that under the thorough profile.)"""
     p = data.draw(problems(op, dtypes=("float64", "float32"), allow_init=False, scale_range=(-12, 12)))
     note(str(p))
     check_element_wise(p, mode)
