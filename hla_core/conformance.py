@@ -389,7 +389,9 @@ class Checker:
             t = t.transpose(1, 2).contiguous()
         return t.requires_grad_(requires_grad)
 
-    def call(self, q, k, v, *, case: Case, **extra):
+    def _case_kwargs(self, case: Case) -> dict:
+        """The keyword arguments of `case` that the target declares (scale: 1.0, the
+        operator as defined)."""
         kw = {}
         if "gamma" in self.kw:
             kw["gamma"] = float(case.gamma)
@@ -401,6 +403,10 @@ class Checker:
             kw["chunk_size"] = case.chunk_size
         if "scale" in self.kw:
             kw["scale"] = 1.0
+        return kw
+
+    def call(self, q, k, v, *, case: Case, **extra):
+        kw = self._case_kwargs(case)
         kw.update({n: x for n, x in extra.items() if n in self.kw})
         out = self.fn(q, k, v, **kw)
         if isinstance(out, (tuple, list)):
@@ -724,17 +730,7 @@ class Checker:
         names = ["q", "k", "v", "do"][:len(arrs)]
         layout = "[B, H, T, dim]" if cfg.layout == "bhtd" else "[B, T, H, dim]"
         dt = f"torch.{cfg.dtype}"
-        kw = {}
-        if "gamma" in self.kw:
-            kw["gamma"] = float(case.gamma)
-        if "normalize" in self.kw:
-            kw["normalize"] = bool(case.normalize)
-        if "eps" in self.kw:
-            kw["eps"] = cfg.eps
-        if "chunk_size" in self.kw and case.chunk_size is not None:
-            kw["chunk_size"] = case.chunk_size
-        if "scale" in self.kw:
-            kw["scale"] = 1.0
+        kw = self._case_kwargs(case)
         kws = "".join(f", {n}={x!r}" for n, x in kw.items())
         lines = [f"# {self.target}: property {prop!r} fails for op {cfg.op!r}: {message}",
                  "import torch",

@@ -31,6 +31,8 @@ sequence and head, plus the side channels), e.g. 1 MiB for B=1, H=16, d=dv=128 i
 """
 from __future__ import annotations
 
+import functools
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +46,7 @@ def _la_module():
     return module("la")
 
 
+@functools.cache
 def forward_combine():
     """(A, B, rho_B) -> carry of A followed by B: the derived ⊕ of first-order LA."""
     num = _la_module().NUM
@@ -52,6 +55,7 @@ def forward_combine():
     return lambda A, B, rB: combine({name: A}, {name: B}, rB)[name]
 
 
+@functools.cache
 def reverse_combine():
     """(A, B, rho_B) -> suffix carry of B followed by (later) A: the derived suffix ⊕ of the
     value-gradient term of first-order LA (the state a backward-in-time launch carries)."""
@@ -175,12 +179,8 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
 
 
 def chain_id(chain) -> float:
-    """A number naming the chain (ranks must run the same operator)."""
-    h = 0
-    for s in chain:
-        for ch in repr(tuple(s)):
-            h = (h * 131 + ord(ch)) % 1000003
-    return float(h)
+    """A number naming the chain (ranks must run the same operator): CRC-32 of its stages."""
+    return float(zlib.crc32(repr(tuple(tuple(st) for st in chain)).encode()))
 
 
 def check_mode(mode, cp_group):
