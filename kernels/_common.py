@@ -278,8 +278,11 @@ def prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite):
     if check_finite:
         for name, x in (("q", q), ("k", k), ("v", v)):
             _finite(name, x)
+    # gamma on the inputs' device, copied without waiting: a plain host-to-device copy
+    # synchronizes the stream, so the host stops running ahead of the GPU mid-chain
+    g_dev = g.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else g
     return dict(B=B, T=T, H=H, d=d, dv=dv, N=N, cu=cu, lens=lens, sdt=state_dtype(q.dtype),
-                g64=g, C=chunk_size, q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
+                g64=g, g_dev=g_dev, C=chunk_size, q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -345,7 +345,7 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
         if tgt_side is not None:
             cot[tgt_side] = o1_
         if final[0] is not None:
-            gp = (p["g64"] ** s.power).to(device=X0.device, dtype=sdt).view(1, H, 1, 1)
+            gp = (p["g_dev"] ** s.power).to(sdt).view(1, H, 1, 1)
             dinit[s.state] = final[0] * gp
             if final[1] is not None:
                 dinit[s.side] = final[1] * gp

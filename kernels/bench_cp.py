@@ -53,7 +53,111 @@ def _time(run, reps, group):
     return statistics.median(out)
 
 
-def _rank(rank, world, Ts, op, reps, init_file, out_file, as_group=False, profile_T=0):
+class Timeline:
+    """Where a call's GPU time goes, per rank: CUDA events (and host clock readings) at the
+    entry and exit of every LA launch (kernels/gla.py Chain.__call__; pair>: the fused
+    reversed key/value launch of kernels/backward_pair.py), of its cross-rank
+    carry (ContextParallel.carry_in) and of the all_gather inside it. The intervals between
+    consecutive marks name what ran: launch>..carry> the slice summary, carry>..ag> the
+    slice's W, ag>..<ag the collective (its wait for the other ranks included), <ag..<carry
+    the fold, <carry..<launch the chunk kernel; <launch..launch> what runs between launches.
+    `lag` is the host's clock minus the GPU's at a mark: near zero, the GPU waited for the host."""
+
+    def __init__(self):
+        from kernels import backward, cp, gla
+        self.marks = []
+        self._orig = [(gla.Chain, "__call__"), (backward, "reversed_pair"), (cp.ContextParallel, "carry_in"),
+                      (dist, "all_gather")]
+        self._saved = [getattr(o, n) for o, n in self._orig]
+        wrap = dict(zip(("launch", "pair", "carry", "ag"), self._saved))
+
+        def wrapped(name, f):
+            def run(*a, **kw):
+                self.mark(name + ">")
+                r = f(*a, **kw)
+                self.mark("<" + name)
+                return r
+            return run
+        for (o, n), (name, f) in zip(self._orig, wrap.items()):
+            setattr(o, n, wrapped(name, f))
+
+    def mark(self, name):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.marks.append((name, e, time.perf_counter()))
+
+    def close(self):
+        for (o, n), f in zip(self._orig, self._saved):
+            setattr(o, n, f)
+
+    def intervals(self):
+        """[(from-mark..to-mark, GPU ms, host-minus-GPU lag at the end, ms)] in order."""
+        torch.cuda.synchronize()
+        (_, e0, h0), out = self.marks[0], []
+        for (a, ea, _), (b, eb, hb) in zip(self.marks, self.marks[1:]):
+            out.append((f"{a}..{b}", ea.elapsed_time(eb), (hb - h0) * 1e3 - e0.elapsed_time(eb)))
+        return out
+
+
+def _timeline(fn, args, kw, do, group, rank, world, T):
+    """One forward and one forward+backward under a Timeline; rank 0 prints every rank's
+    intervals summed by kind and the ten longest single intervals. Also lists the calls
+    that synchronize the host with the GPU (torch.cuda sync debug mode) in one step."""
+    import collections
+    import traceback
+    import warnings
+    xs = [x.detach().clone().requires_grad_(True) for x in args]
+    res = {}
+    for what in ("fwd", "fwd+bwd"):
+        if group is not None:
+            dist.barrier(group)
+        torch.cuda.synchronize()
+        tl_ = Timeline()
+        tl_.mark("start")
+        if what == "fwd":
+            with torch.no_grad():
+                fn(*args, **kw)
+        else:
+            o, _ = fn(*xs, **kw)
+            o.backward(do)
+        tl_.mark("end")
+        tl_.close()
+        res[what] = tl_.intervals()
+    syncs = collections.Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack() if "/kernels/" in f.filename and "bench_cp" not in f.filename]
+        syncs[" < ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in frames[::-1][:3])] += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode(1)
+        o, _ = fn(*xs, **kw)
+        o.backward(do)
+        torch.cuda.set_sync_debug_mode(0)
+    got = [None] * world
+    if group is not None:
+        dist.all_gather_object(got, (res, dict(syncs)), group=group)
+    else:
+        got = [(res, dict(syncs))]
+    if rank != 0:
+        return
+    for r, (res_r, syncs_r) in enumerate(got):
+        for what, iv in res_r.items():
+            total = sum(ms for _, ms, _ in iv)
+            kinds = collections.defaultdict(float)
+            for name, ms, _ in iv:
+                kinds[name] += ms
+            print(f"[timeline] world {world} T={T} rank {r} {what}: {total:.3f} ms; by kind: " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])), flush=True)
+            top = sorted(range(len(iv)), key=lambda i: -iv[i][1])[:10]
+            print("    longest: " + "; ".join(f"#{i} {iv[i][0]} {iv[i][1]:.3f} (lag {iv[i][2]:+.2f})"
+                                             for i in sorted(top)), flush=True)
+        print(f"[timeline] world {world} rank {r} synchronizing calls in one step: "
+              f"{syncs_r if syncs_r else 'none'}", flush=True)
+
+
+def _rank(rank, world, Ts, op, reps, init_file, out_file, as_group=False, profile_T=0, timeline_T=0):
     torch.cuda.set_device(rank)
     group = None
     if world > 1 or as_group:  # as_group: one rank with a process group (the exchange's own cost)
@@ -79,6 +183,8 @@ def _rank(rank, world, Ts, op, reps, init_file, out_file, as_group=False, profil
         kw = dict(gamma=GAMMA, cp_group=group, check_finite=False)
         with torch.no_grad():
             fn(q, k, v, **kw)  # compile / warm up
+        if T == timeline_T:
+            _timeline(fn, (q, k, v), kw, do, group, rank, world, T)
         ms_f = _time(lambda: fn(q, k, v, **kw), reps, group)
         xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
 
@@ -163,6 +269,8 @@ def main(argv=None):
     ap.add_argument("--one-rank-group", action="store_true",
                     help="also run world 1 with a process group (the exchange's cost without other ranks)")
     ap.add_argument("--profile-T", type=int, default=0, help="print a torch.profiler table of one step at this T")
+    ap.add_argument("--timeline-T", type=int, default=0,
+                    help="print where each rank's GPU time goes (class Timeline) in one step at this T")
     ap.add_argument("--table", default=None, metavar="JSON", help="only print the table of a saved bench_cp.json")
     args = ap.parse_args(argv)
     if args.table:
@@ -182,7 +290,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             out_file = os.path.join(tmp, "rows.json")
             mp.start_processes(_rank, args=(w, Ts, args.op, args.reps, os.path.join(tmp, "init"), out_file,
-                                            as_group, args.profile_T), nprocs=w, join=True, start_method="spawn")
+                                            as_group, args.profile_T, args.timeline_T), nprocs=w, join=True, start_method="spawn")
             with open(out_file) as fh:
                 rows += json.load(fh)
     os.makedirs(args.out, exist_ok=True)

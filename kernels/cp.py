@@ -175,7 +175,8 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
         raise ValueError(f"initial_state: with cp_group it is taken on rank 0 only (the other ranks start "
                          f"from the carry of the ranks before them); given on ranks "
                          f"{[r for r, h in enumerate(has) if h and r > 0]}")
-    return ContextParallel(group, rank, world, lengths, bool(got[0, n + 2].item()), p["g64"].to(dev))
+    return ContextParallel(group, rank, world, lengths, bool(got[0, n + 2].item()),
+                           p["g_dev"] if dev.type == "cuda" else p["g64"])
 
 
 def chain_id(chain) -> float:

@@ -413,15 +413,15 @@ class Chain:
         kernels). All computed in float64 from the checked gamma, then rounded."""
         if power not in self._decays:
             p, dev, sdt = self.p, self.p["q"].device, self.p["sdt"]
-            g64 = p["g64"]
+            g = p["g_dev"]  # device ops from here: nothing waits on the GPU
             if self.mode == "recurrent":
-                self._decays[power] = (g64 ** power).to(device=dev, dtype=sdt)
+                self._decays[power] = (g ** power).to(sdt)
             else:
-                log2g = (torch.log2(g64) * power).to(device=dev, dtype=sdt)
+                log2g = (torch.log2(g) * power).to(sdt)
                 table = log2g
                 if sdt == torch.float64:
-                    n = torch.arange(p["C"] + 1, dtype=torch.float64)
-                    table = (g64[:, None] ** (power * n)[None, :]).to(device=dev, dtype=sdt).contiguous()
+                    n = torch.arange(p["C"] + 1, dtype=torch.float64, device=dev)
+                    table = (g[:, None] ** (power * n)[None, :]).contiguous()
                 self._decays[power] = (log2g, table)
         return self._decays[power]
 

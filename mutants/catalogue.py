@@ -278,21 +278,21 @@ CATALOGUE: list[Mutant] = [
         description="recurrent kernel: the new token's term is decayed along with the state"),
     Mutant(
         "kernel-recurrent-decay-power", "kernel-decay", GLA,
-        "self._decays[power] = (g64 ** power).to(device=dev, dtype=sdt)",
-        "self._decays[power] = g64.to(device=dev, dtype=sdt)",
+        "self._decays[power] = (g ** power).to(sdt)",
+        "self._decays[power] = g.to(sdt)",
         (K2,), k="float64 and hla2 and recurrent",
         description="recurrent chains ignore the stage's decay power (HLA2's second stage "
                     "decays by g instead of g^2)"),
     Mutant(
         "kernel-table-ignores-power", "kernel-decay", GLA,
-        "(g64[:, None] ** (power * n)[None, :])",
-        "(g64[:, None] ** n[None, :])",
+        "(g[:, None] ** (power * n)[None, :])",
+        "(g[:, None] ** n[None, :])",
         (K2,), k="float64 and hla2 and chunk",
         description="float64 chunk kernels: the exact g^n table ignores the stage's power"),
     Mutant(
         "kernel-log2g-ignores-power", "kernel-decay", GLA,
-        "log2g = (torch.log2(g64) * power).to(device=dev, dtype=sdt)",
-        "log2g = torch.log2(g64).to(device=dev, dtype=sdt)",
+        "log2g = (torch.log2(g) * power).to(sdt)",
+        "log2g = torch.log2(g).to(sdt)",
         (K2,), k="low_precision and float32 and hla2 and chunk",
         description="fp32 chunk kernels: log2 g ignores the stage's power (HLA2's second "
                     "stage decays by g instead of g^2)"),
