@@ -268,6 +268,14 @@ def carry_in_out(cls, shapes: dict, initial_state, output_final_state, normalize
     return st, fin
 
 
+def host_to(x: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting: a plain host-to-device copy
+    synchronizes the stream, and the host would stop running ahead of the GPU mid-call."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite):
     B, T, H, d, dv = check_qkv(q, k, v)
     g = check_gamma(gamma, H)
@@ -278,9 +286,7 @@ def prepare(q, k, v, gamma, eps, chunk_size, cu_seqlens, check_finite):
     if check_finite:
         for name, x in (("q", q), ("k", k), ("v", v)):
             _finite(name, x)
-    # gamma on the inputs' device, copied without waiting: a plain host-to-device copy
-    # synchronizes the stream, so the host stops running ahead of the GPU mid-chain
-    g_dev = g.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else g
+    g_dev = host_to(g, q.device)
     return dict(B=B, T=T, H=H, d=d, dv=dv, N=N, cu=cu, lens=lens, sdt=state_dtype(q.dtype),
                 g64=g, g_dev=g_dev, C=chunk_size, q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
 

@@ -123,6 +123,20 @@ def _timeline(fn, args, kw, do, group, rank, world, T):
         tl_.mark("end")
         tl_.close()
         res[what] = tl_.intervals()
+    if group is not None:  # the bare collective of one exchange (B=1, H=16, d=dv=128 fp32: 1 MiB)
+        flat = torch.zeros(B * H * D * D, device="cuda")
+        outs = [torch.empty_like(flat) for _ in range(world)]
+        for _ in range(5):
+            dist.all_gather(outs, flat, group=group)
+        dist.barrier(group)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(50):
+            dist.all_gather(outs, flat, group=group)
+        b.record()
+        torch.cuda.synchronize()
+        res["bare all_gather (ms each)"] = [("50 back to back", a.elapsed_time(b) / 50, 0.0)]
     syncs = collections.Counter()
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -157,7 +171,8 @@ def _timeline(fn, args, kw, do, group, rank, world, T):
               f"{syncs_r if syncs_r else 'none'}", flush=True)
 
 
-def _rank(rank, world, Ts, op, reps, init_file, out_file, as_group=False, profile_T=0, timeline_T=0):
+def _rank(rank, world, Ts, op, reps, init_file, out_file, as_group=False, profile_T=0, timeline_T=0,
+          segment_chunks=None):
     torch.cuda.set_device(rank)
     group = None
     if world > 1 or as_group:  # as_group: one rank with a process group (the exchange's own cost)
@@ -180,11 +195,9 @@ def _rank(rank, world, Ts, op, reps, init_file, out_file, as_group=False, profil
         g = torch.Generator(device="cuda").manual_seed(1234 + rank)
         mk = lambda w: (torch.randn(B, n, H, w, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16)  # noqa: E731
         q, k, v, do = mk(D), mk(D), mk(D), mk(D)
-        kw = dict(gamma=GAMMA, cp_group=group, check_finite=False)
+        kw = dict(gamma=GAMMA, cp_group=group, check_finite=False, segment_chunks=segment_chunks)
         with torch.no_grad():
             fn(q, k, v, **kw)  # compile / warm up
-        if T == timeline_T:
-            _timeline(fn, (q, k, v), kw, do, group, rank, world, T)
         ms_f = _time(lambda: fn(q, k, v, **kw), reps, group)
         xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
 
@@ -202,6 +215,8 @@ def _rank(rank, world, Ts, op, reps, init_file, out_file, as_group=False, profil
         if group is not None:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
         ms = _time(step, reps, group)
+        if T == timeline_T:  # after the warm-up steps: nothing compiles inside it
+            _timeline(fn, (q, k, v), kw, do, group, rank, world, T)
         if T == profile_T:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -211,7 +226,7 @@ def _rank(rank, world, Ts, op, reps, init_file, out_file, as_group=False, profil
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
         peaks.append((n, peak.item()))
         row = dict(op=op, world=world, T=T, slice=n, fwd_ms=ms_f, fwdbwd_ms=ms, peak_gib=peak.item() / 2**30,
-                   cp_group=group is not None)
+                   cp_group=group is not None, segment_chunks=segment_chunks)
         rows.append(row)
         if rank == 0:
             print(f"[cp] {op} world {world} T={T:8d} fwd {ms_f:9.3f} ms  fwd+bwd {ms:9.3f} ms  "
@@ -269,6 +284,8 @@ def main(argv=None):
     ap.add_argument("--one-rank-group", action="store_true",
                     help="also run world 1 with a process group (the exchange's cost without other ranks)")
     ap.add_argument("--profile-T", type=int, default=0, help="print a torch.profiler table of one step at this T")
+    ap.add_argument("--segment-chunks", type=int, default=None,
+                    help="chunks per parallel segment of every launch (default: kernels/gla.py's choice)")
     ap.add_argument("--timeline-T", type=int, default=0,
                     help="print where each rank's GPU time goes (class Timeline) in one step at this T")
     ap.add_argument("--table", default=None, metavar="JSON", help="only print the table of a saved bench_cp.json")
@@ -290,7 +307,8 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             out_file = os.path.join(tmp, "rows.json")
             mp.start_processes(_rank, args=(w, Ts, args.op, args.reps, os.path.join(tmp, "init"), out_file,
-                                            as_group, args.profile_T, args.timeline_T), nprocs=w, join=True, start_method="spawn")
+                                            as_group, args.profile_T, args.timeline_T,
+                                            args.segment_chunks), nprocs=w, join=True, start_method="spawn")
             with open(out_file) as fh:
                 rows += json.load(fh)
     os.makedirs(args.out, exist_ok=True)

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import functools
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
+from ._common import host_to
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HEADS = 4096  # gamma travels padded to this length in the one setup collective
 
 
 def _la_module():
@@ -67,6 +69,16 @@ def reverse_combine():
 
 
 @dataclass(frozen=True)
+class _Weights:
+    """The decay factors of one launch kind (power, segment length, direction), formed once
+    per call on the device: the host then issues few small ops per exchange, which matters
+    because the GPU waits for them between a launch's summary and its chunk kernel."""
+    seg: torch.Tensor             # [H, S]: g^(L - end_s), segment s's summary carried to the slice's end
+    lead: Optional[torch.Tensor]  # [H]: g (a shifted carry enters one step later), or None
+    rho: torch.Tensor             # [world, H]: g^(L_r), the decay across rank r's slice
+
+
+@dataclass(frozen=True)
 class ContextParallel:
     """One chain call's view of its process group (made by `setup`)."""
     group: object
@@ -75,6 +87,21 @@ class ContextParallel:
     lengths: tuple      # tokens of each rank's slice
     init_grad: bool     # rank 0 has an initial state whose gradient is wanted (all ranks know)
     gamma: torch.Tensor  # per-head gamma, float64 on the tensors' device (no host copies later)
+    _weights: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def weights(self, power, seg, n_seg, shift, dtype) -> _Weights:
+        key = (power, seg, n_seg, shift, dtype)
+        if key not in self._weights:
+            L = self.lengths[self.rank]
+            g = self.gamma ** power  # device ops with Python exponents: nothing waits on the GPU
+            f64 = dict(dtype=torch.float64, device=g.device)
+            ends = torch.arange(1, n_seg + 1, **f64).mul_(seg).clamp_(max=L)
+            lengths = host_to(torch.tensor(self.lengths, dtype=torch.float64), g.device)
+            # g^(L - end_s): Horner over the segments, as the kernel folds them
+            self._weights[key] = _Weights(seg=(g[:, None] ** (L - ends)[None, :]).to(dtype),
+                                          lead=g.to(dtype) if shift else None,
+                                          rho=(g[None, :] ** lengths[:, None]).to(dtype))
+        return self._weights[key]
 
     def carry_in(self, power, seg, parts, boundary, shift, reverse):
         """The carry a launch starts its slice from.
@@ -85,23 +112,18 @@ class ContextParallel:
         layout without the segment axis, or None for zero). Returns the carries, one per
         part, in the layout the kernel reads (contiguous).
         """
-        L = self.lengths[self.rank]
-        n_seg = parts[0].shape[2]
-        ends = [min((s + 1) * seg, L) for s in range(n_seg)]
-        dt = parts[0].dtype
-        g_power = self.gamma ** power  # device ops with Python exponents: nothing waits on the GPU
-        # g^(L - end_s): Horner over the segments, as the kernel folds them
-        w = torch.stack([g_power ** (L - e) for e in ends], 1).to(dt)   # [H, S]
-        lead = g_power.to(dt) if shift else None
+        wt = self.weights(power, seg, parts[0].shape[2], bool(shift), parts[0].dtype)
+
+        def per_head(x, like):  # [H] or [H, S] against [N, H, ...]
+            return x.view((1,) + tuple(x.shape) + (1,) * (like.dim() - 1 - x.dim()))
         W, own = [], []
         for x, b in zip(parts, boundary):
-            wv = w.view((1,) + w.shape + (1,) * (x.dim() - 3))
-            z = (x * wv).sum(2)
-            if lead is not None:
-                z = z * lead.view((1, -1) + (1,) * (z.dim() - 2))
+            z = (x * per_head(wt.seg, x)).sum(2)
+            if wt.lead is not None:
+                z = z * per_head(wt.lead, z)
             if b is not None:
-                b = b.reshape(z.shape).to(dt)
-                z = z + self._rho(g_power, L, z) * b
+                b = b.reshape(z.shape).to(z.dtype)
+                z = z + per_head(wt.rho[self.rank], z) * b
             W.append(z)
             own.append(b)
         flat = torch.cat([x.reshape(-1) for x in W])
@@ -113,28 +135,27 @@ class ContextParallel:
         off = 0
         for x, b in zip(W, own):
             n = x.numel()
-            acc = torch.zeros_like(x)
+            acc = None  # the empty prefix: ⊕'s identity
             for s in others:
-                acc = combine(acc, got[s][off:off + n].view(x.shape), self._rho(g_power, self.lengths[s], x))
+                piece = got[s][off:off + n].view(x.shape)
+                acc = piece if acc is None else combine(acc, piece, per_head(wt.rho[s], x))
             off += n
-            out.append((acc if b is None else acc + b).contiguous())
+            if b is not None:
+                acc = b if acc is None else acc + b
+            out.append((acc if acc is not None else torch.zeros_like(x)).contiguous())
         return out
-
-    @staticmethod
-    def _rho(g_power, length, like):
-        r = (g_power ** length).to(like.dtype)
-        return r.view((1, -1) + (1,) * (like.dim() - 2))
 
 
 def _header(p, q, fields):
     """What every rank must agree on, as float64 numbers (one tensor per rank)."""
-    return torch.tensor([p["B"], p["H"], p["d"], p["dv"], _DTYPES.index(q.dtype)] + fields, dtype=torch.float64)
+    return [p["B"], p["H"], p["d"], p["dv"], _DTYPES.index(q.dtype)] + fields
 
 
 def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_final_state, has_init,
           init_grad, needs) -> ContextParallel:
     """Check `group` and that all ranks called with matching arguments; gather the slice
-    lengths. Raises the same error on every rank (each sees every rank's header)."""
+    lengths. Raises the same error on every rank (each sees every rank's header). One small
+    collective and one wait on it per call (the host must know the other ranks' lengths)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("cp_group: torch.distributed is not initialized (call "
@@ -143,29 +164,28 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
         raise TypeError(f"cp_group: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     names = ["B", "H", "d", "dv", "dtype", "chain", "normalize", "eps", "scale", "chunk_size",
-             "output_final_state", "requires grad (q, k, v)", "cu_seqlens given"]
+             "output_final_state", "requires grad (q, k, v)", "cu_seqlens given", "gamma"]
+    g64 = p["g64"]
+    # gamma as its CRC-32 (exact in float64), with its least and largest value for the message
+    gsum = float(zlib.crc32(g64.numpy().tobytes()))
     head = _header(p, q, [chain_id, float(bool(normalize)), float(eps), float(scale), float(chunk_size),
-                          float(bool(output_final_state)), float(needs), float(p["cu"] is not None)])
-    # one collective: the header, this rank's length and initial-state flags, and gamma
-    # padded to MAX_HEADS (compared once the head count is known to agree)
-    dev = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    if p["H"] > MAX_HEADS:
-        raise ValueError(f"cp_group: at most {MAX_HEADS} heads, got {p['H']}")
-    gpad = torch.full((MAX_HEADS,), -1.0, dtype=torch.float64)
-    gpad[:p["H"]] = p["g64"].cpu()
-    extra = torch.tensor([p["T"], float(bool(has_init)), float(bool(init_grad))], dtype=torch.float64)
-    mine = torch.cat([head, extra, gpad]).to(dev)
+                          float(bool(output_final_state)), float(needs), float(p["cu"] is not None), gsum,
+                          p["T"], float(bool(has_init)), float(bool(init_grad)), g64.min().item(), g64.max().item()])
+    mine = torch.tensor(head, dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        mine = host_to(mine, q.device)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
     got = torch.stack(got).cpu()   # the one wait on the other ranks
     for i, name in enumerate(names):
         vals = got[:, i].tolist()
         if len(set(vals)) > 1:
+            if name == "gamma":
+                shown = [f"[{lo:g} .. {hi:g}], CRC-32 {int(c)}" for c, lo, hi in got[:, [i, i + 4, i + 5]].tolist()]
+                raise ValueError(f"cp_group: the ranks disagree on gamma: {shown} (rank 0, 1, ...)")
             shown = [(_DTYPES[int(v)] if name == "dtype" else v) for v in vals]
             raise ValueError(f"cp_group: the ranks disagree on {name}: {shown} (rank 0, 1, ...)")
     n = len(names)
-    if any(not torch.equal(got[0, n + 3:], x[n + 3:]) for x in got[1:]):
-        raise ValueError(f"cp_group: the ranks disagree on gamma: {got[:, n + 3:n + 3 + p['H']].tolist()}")
     if p["cu"] is not None:  # raised after the exchange: every rank raises, none waits
         raise ValueError("cu_seqlens: not supported together with cp_group (each rank's slice is one "
                          "contiguous part of B equal-length sequences)")
@@ -175,8 +195,7 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
         raise ValueError(f"initial_state: with cp_group it is taken on rank 0 only (the other ranks start "
                          f"from the carry of the ranks before them); given on ranks "
                          f"{[r for r, h in enumerate(has) if h and r > 0]}")
-    return ContextParallel(group, rank, world, lengths, bool(got[0, n + 2].item()),
-                           p["g_dev"] if dev.type == "cuda" else p["g64"])
+    return ContextParallel(group, rank, world, lengths, bool(got[0, n + 2].item()), p["g_dev"])
 
 
 def chain_id(chain) -> float:

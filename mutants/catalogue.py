@@ -660,15 +660,15 @@ CPT = "property_tests/test_cp.py"
 CP_DEFECTS = [
     Mutant(
         "cp-fold-undecayed", "context-parallel", CP,
-        "acc = combine(acc, got[s][off:off + n].view(x.shape), self._rho(g_power, self.lengths[s], x))",
-        "acc = combine(acc, got[s][off:off + n].view(x.shape), 1.0)",
+        "acc = piece if acc is None else combine(acc, piece, per_head(wt.rho[s], x))",
+        "acc = piece if acc is None else combine(acc, piece, 1.0)",
         (CPT,), k="ranks_equal_one_process and not gpu",
         description="context parallel: the earlier ranks' carries are folded without the decay "
                     "over the ranks in between (rho = 1)"),
     Mutant(
         "cp-reverse-not-shifted", "context-parallel", CP,
-        "lead = g_power.to(dt) if shift else None",
-        "lead = None",
+        "lead=g.to(dtype) if shift else None,",
+        "lead=None,",
         (CPT,), k="ranks_equal_one_process and not gpu",
         description="context parallel backward: a slice read backward in time hands on Z, not g Z "
                     "(the shifted carry of a final-state cotangent)"),
@@ -680,8 +680,8 @@ CP_DEFECTS = [
         description="context parallel: the slice's summary leaves out its last segment"),
     Mutant(
         "cp-own-carry-dropped", "context-parallel", CP,
-        "out.append((acc if b is None else acc + b).contiguous())",
-        "out.append(acc.contiguous())",
+        "acc = b if acc is None else acc + b",
+        "acc = acc",
         (CPT,), k="ranks_equal_one_process and not gpu",
         description="context parallel: a rank's own carry (rank 0's initial state, a final-state "
                     "cotangent) is left out of the carry it starts from"),
@@ -691,6 +691,13 @@ CP_DEFECTS = [
         "    if False:",
         (CPT,), k="bad_use",
         description="context parallel: an initial state given on a rank other than 0 is silently used"),
+    Mutant(
+        "cp-gamma-unchecked", "context-parallel", CP,
+        "gsum = float(zlib.crc32(g64.numpy().tobytes()))",
+        "gsum = 0.0",
+        (CPT,), k="bad_use",
+        description="context parallel: ranks with different decays run without an error (gamma's "
+                    "digest left out of the agreement check)"),
     Mutant(
         "pair-carry-in-unshifted", "kernel-backward", "kernels/backward_pair.py",
         "bc_ = _decay(lg, pw, oc + 1 - f0, TABLE)",
