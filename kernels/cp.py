@@ -78,16 +78,66 @@ class _Weights:
     rho: torch.Tensor             # [world, H]: g^(L_r), the decay across rank r's slice
 
 
-@dataclass(frozen=True)
+@dataclass
+class _Headers:
+    """Every rank's header, on its way to the host (made by `setup`, read by `resolve`)."""
+    table: torch.Tensor            # [world, fields] float64 (pinned host memory when it came by NCCL)
+    ready: Optional[object]        # CUDA event after the copy to the host, or None (already there)
+    cu_given: bool                 # this call has cu_seqlens (refused, on every rank, once all headers are in)
+
+
+@dataclass
 class ContextParallel:
-    """One chain call's view of its process group (made by `setup`)."""
+    """One chain call's view of its process group (made by `setup`). The other ranks'
+    headers are checked, and their slice lengths read, on first use (`resolve`): by then the
+    call's first kernel is queued, so the GPU works while the host waits for the headers."""
     group: object
     rank: int
     world: int
-    lengths: tuple      # tokens of each rank's slice
-    init_grad: bool     # rank 0 has an initial state whose gradient is wanted (all ranks know)
     gamma: torch.Tensor  # per-head gamma, float64 on the tensors' device (no host copies later)
-    _weights: dict = field(default_factory=dict, compare=False, repr=False)
+    headers: Optional[_Headers]
+    _lengths: tuple = ()     # tokens of each rank's slice
+    _init_grad: bool = False  # rank 0 has an initial state whose gradient is wanted (all ranks know)
+    _weights: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def lengths(self) -> tuple:
+        self.resolve()
+        return self._lengths
+
+    @property
+    def init_grad(self) -> bool:
+        self.resolve()
+        return self._init_grad
+
+    def resolve(self):
+        """Wait for the headers and check them: the same error on every rank (each sees all)."""
+        h = self.headers
+        if h is None:
+            return
+        if h.ready is not None:
+            h.ready.synchronize()
+        got = h.table
+        for i, name in enumerate(NAMES):
+            vals = got[:, i].tolist()
+            if len(set(vals)) > 1:
+                if name == "gamma":
+                    shown = [f"[{lo:g} .. {hi:g}], CRC-32 {int(c)}" for c, lo, hi in got[:, [i, i + 4, i + 5]].tolist()]
+                    raise ValueError(f"cp_group: the ranks disagree on gamma: {shown} (rank 0, 1, ...)")
+                shown = [(_DTYPES[int(v)] if name == "dtype" else v) for v in vals]
+                raise ValueError(f"cp_group: the ranks disagree on {name}: {shown} (rank 0, 1, ...)")
+        n = len(NAMES)
+        if h.cu_given:
+            raise ValueError("cu_seqlens: not supported together with cp_group (each rank's slice is one "
+                             "contiguous part of B equal-length sequences)")
+        has = [bool(x) for x in got[:, n + 1].tolist()]
+        if any(has[1:]):
+            raise ValueError(f"initial_state: with cp_group it is taken on rank 0 only (the other ranks start "
+                             f"from the carry of the ranks before them); given on ranks "
+                             f"{[r for r, x in enumerate(has) if x and r > 0]}")
+        self._lengths = tuple(int(x) for x in got[:, n].tolist())
+        self._init_grad = bool(got[0, n + 2].item())
+        self.headers = None
 
     def weights(self, power, seg, n_seg, shift, dtype) -> _Weights:
         key = (power, seg, n_seg, shift, dtype)
@@ -147,15 +197,18 @@ class ContextParallel:
 
 
 def _header(p, q, fields):
-    """What every rank must agree on, as float64 numbers (one tensor per rank)."""
+    """What every rank must agree on (NAMES), then its slice length and flags, as numbers."""
     return [p["B"], p["H"], p["d"], p["dv"], _DTYPES.index(q.dtype)] + fields
+
+
+NAMES = ["B", "H", "d", "dv", "dtype", "chain", "normalize", "eps", "scale", "chunk_size",
+         "output_final_state", "requires grad (q, k, v)", "cu_seqlens given", "gamma"]
 
 
 def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_final_state, has_init,
           init_grad, needs) -> ContextParallel:
-    """Check `group` and that all ranks called with matching arguments; gather the slice
-    lengths. Raises the same error on every rank (each sees every rank's header). One small
-    collective and one wait on it per call (the host must know the other ranks' lengths)."""
+    """Check `group` and start the exchange of the ranks' headers (what they must agree on,
+    and their slice lengths): one small collective per call, read on first use."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("cp_group: torch.distributed is not initialized (call "
@@ -163,8 +216,6 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"cp_group: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    names = ["B", "H", "d", "dv", "dtype", "chain", "normalize", "eps", "scale", "chunk_size",
-             "output_final_state", "requires grad (q, k, v)", "cu_seqlens given", "gamma"]
     g64 = p["g64"]
     # gamma as its CRC-32 (exact in float64), with its least and largest value for the message
     gsum = float(zlib.crc32(g64.numpy().tobytes()))
@@ -172,30 +223,19 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
                           float(bool(output_final_state)), float(needs), float(p["cu"] is not None), gsum,
                           p["T"], float(bool(has_init)), float(bool(init_grad)), g64.min().item(), g64.max().item()])
     mine = torch.tensor(head, dtype=torch.float64)
-    if dist.get_backend(group) == "nccl":
+    nccl = dist.get_backend(group) == "nccl"
+    if nccl:
         mine = host_to(mine, q.device)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
-    got = torch.stack(got).cpu()   # the one wait on the other ranks
-    for i, name in enumerate(names):
-        vals = got[:, i].tolist()
-        if len(set(vals)) > 1:
-            if name == "gamma":
-                shown = [f"[{lo:g} .. {hi:g}], CRC-32 {int(c)}" for c, lo, hi in got[:, [i, i + 4, i + 5]].tolist()]
-                raise ValueError(f"cp_group: the ranks disagree on gamma: {shown} (rank 0, 1, ...)")
-            shown = [(_DTYPES[int(v)] if name == "dtype" else v) for v in vals]
-            raise ValueError(f"cp_group: the ranks disagree on {name}: {shown} (rank 0, 1, ...)")
-    n = len(names)
-    if p["cu"] is not None:  # raised after the exchange: every rank raises, none waits
-        raise ValueError("cu_seqlens: not supported together with cp_group (each rank's slice is one "
-                         "contiguous part of B equal-length sequences)")
-    lengths = tuple(int(x) for x in got[:, n].tolist())
-    has = [bool(x) for x in got[:, n + 1].tolist()]
-    if any(has[1:]):
-        raise ValueError(f"initial_state: with cp_group it is taken on rank 0 only (the other ranks start "
-                         f"from the carry of the ranks before them); given on ranks "
-                         f"{[r for r, h in enumerate(has) if h and r > 0]}")
-    return ContextParallel(group, rank, world, lengths, bool(got[0, n + 2].item()), p["g_dev"])
+    table, ready = torch.stack(got), None
+    if nccl:  # to the host without waiting; resolve() waits on the event
+        host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+        host.copy_(table, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        table = host
+    return ContextParallel(group, rank, world, p["g_dev"], _Headers(table, ready, p["cu"] is not None))
 
 
 def chain_id(chain) -> float:
