@@ -268,12 +268,22 @@ def test_numerics_tables_are_the_printers():
             "docs/numerics.md's tables differ from `python -m kernels.numerics --tables --out docs`"
 
 
-def test_training_table_is_the_printer():
+@pytest.mark.parametrize("name", ["bench_train.json", "bench_train_d64.json"])
+def test_training_table_is_the_printer(name):
     from kernels.bench import print_train_table
-    rows = json.loads((DOCS / "bench_train.json").read_text())["rows"]
+    rows = json.loads((DOCS / name).read_text())["rows"]
     table = _printed(print_train_table, rows).strip()
     assert table in (DOCS / "benchmarks.md").read_text(), \
-        "docs/benchmarks.md's training table differs from `python -m kernels.bench --train-table docs/bench_train.json`"
+        f"docs/benchmarks.md's training table differs from `python -m kernels.bench --train-table docs/{name}`"
+
+
+@pytest.mark.parametrize("name", ["bench_cp.json", "bench_cp_512k.json"])
+def test_context_parallel_table_is_the_printer(name):
+    from kernels.bench_cp import table
+    rows = json.loads((DOCS / name).read_text())["rows"]
+    printed = table(rows).split("\n\nLongest")[0].strip()  # the table, without the line after it
+    assert printed in (DOCS / "benchmarks.md").read_text(), \
+        f"docs/benchmarks.md's context-parallel table differs from `python -m kernels.bench_cp --table docs/{name}`"
 
 
 def test_numerics_backward_table_is_the_printer():
