@@ -95,14 +95,31 @@ def gpu_study(out, ops=("hla2", "ahla", "hla3")):
     plot(rows, os.path.join(out, name.replace(".json", ".png")))
 
 
-def plot(rows, path):
+def _figure(rows):
+    """One log-log panel per operator in rows, sharing the error axis: (figure, [(axis, op)])."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ops = [o for o in ("hla2", "ahla", "hla3") if any(r["op"] == o for r in rows)]
     fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops), 4.2), sharey=True, squeeze=False)
-    axes = axes[0]
-    for ax, op in zip(axes, ops):
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T")
+        ax.grid(alpha=.3)
+    return fig, list(zip(axes[0], ops))
+
+
+def _save(fig, panels, ylabel, path, **legend):
+    panels[0][0].set_ylabel(ylabel)
+    panels[-1][0].legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot(rows, path):
+    fig, panels = _figure(rows)
+    for ax, op in panels:
         for gamma, ls in ((1.0, "-"), (0.99, "--")):
             for dtn, c in (("bf16", "C0"), ("fp32", "C1")):
                 rr = [r for r in rows if r["op"] == op and r["gamma"] == gamma and r["dtype"] == dtn]
@@ -115,15 +132,8 @@ def plot(rows, path):
             if pf:
                 ax.plot([r["T"] for r in pf], [r["paper_form_fp32_rel"] for r in pf], ls, color="C3", marker="s",
                         label=f"paper form S C - G fp32, gamma={gamma}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_title(op)
-        ax.set_xlabel("T")
-        ax.grid(alpha=.3)
-    axes[0].set_ylabel("||o - o_ref|| / ||o_ref||")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, panels, "||o - o_ref|| / ||o_ref||", path, fontsize=7)
     print(f"[numerics] plot saved to {path}")
 
 
@@ -182,28 +192,16 @@ def backward_study(out, ops=("hla2", "ahla", "hla3"), dev="cuda", Ts=(256, 1024,
 
 
 def plot_backward(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ops = [o for o in ("hla2", "ahla", "hla3") if any(r["op"] == o for r in rows)]
-    fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops), 4.2), sharey=True, squeeze=False)
-    axes = axes[0]
-    for ax, op in zip(axes, ops):
+    fig, panels = _figure(rows)
+    for ax, op in panels:
         for dtn, c in (("bf16", "C0"), ("fp32", "C1")):
             for nm, mk in (("q", "o"), ("k", "s"), ("v", "^")):
                 for gamma, ls in ((1.0, "-"), (0.99, "--")):
                     rr = [r for r in rows if r["op"] == op and r["gamma"] == gamma and r["dtype"] == dtn]
                     ax.plot([r["T"] for r in rr], [r[f"d{nm}_rel"] for r in rr], ls, color=c, marker=mk,
                             label=f"d{nm} chunk {dtn}, gamma={gamma}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_title(f"{op}: gradients vs float64 kernel gradients")
-        ax.set_xlabel("T")
-        ax.grid(alpha=.3)
-    axes[0].set_ylabel("||g - g_ref|| / ||g_ref||")
-    axes[-1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, panels, "||g - g_ref|| / ||g_ref||", path, fontsize=6, ncol=2)
     print(f"[numerics-bwd] plot saved to {path}")
 
 

@@ -1,0 +1,102 @@
+"""Static resource use of the LA kernels as compiled for a Hopper GPU, without a GPU.
+
+    python -m kernels.resources [--arch 90] [--d 64,128]
+
+Triton compiles each launch the bf16 training path makes (the launch configurations of
+kernels/gla.py and kernels/backward_pair.py, not copies of them) for sm_<arch>, and
+cuobjdump (shipped with Triton) reads registers per thread and the stack frame per thread
+from the cubin. At the 255-register cap the stack frame holds what did not fit in
+registers (spills), so a frame that grows with the tile is evidence of register pressure;
+it is the frame's size, not the traffic through it. The numbers belong to the Triton
+installed here, which may differ from the GPU machine's. Prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .backward_pair import _la_rev_pair_kernel, pair_launch_config
+from .gla import _la_chunk_kernel, launch_config
+
+C = 64
+BF16 = dict(DOT=tl.bfloat16, ACC=tl.float32, PREC="ieee", TABLE=False, VARLEN=False, C=C)
+
+
+def _signature(fn, pointers, constexprs):
+    """Triton signature: every argument a pointer of the given type (default fp32), an
+    i32 scalar (the names in fn's scalar list) or a constexpr."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("T", "H", "D", "DV", "W", "SEG", "NSUM"):
+            sig[name] = "i32"
+        else:
+            sig[name] = pointers.get(name, "*fp32")
+    return sig
+
+
+def usage(fn, pointers, constexprs, launch, arch):
+    """(registers per thread, stack frame bytes per thread) of one compiled launch."""
+    sig = _signature(fn, pointers, constexprs)
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32), options=launch)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as fh:
+        fh.write(compiled.asm["cubin"])
+        fh.flush()
+        text = subprocess.run([tool, "-res-usage", fh.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", text).group(1)), int(re.search(r"STACK:(\d+)", text).group(1))
+
+
+def cases(d):
+    """(label, kernel, pointer types, constexprs, launch) of the bf16 training path at head size d."""
+    BK, BV, launch = launch_config(tl.bfloat16, d, d)
+    launch = dict(launch, num_warps=launch.get("num_warps", 4))  # Triton's default
+    chunk = dict(BK=BK, BV=BV, SIDE=0, DIVIDE=False, STORE_O1=False, HAS_INIT=False, STORE_FINAL=False,
+                 QS=0, KS=1, SHIFT=False, ACCUM=False, ACCUM1=False, **BF16)
+    bf = {n: "*bf16" for n in ("q", "k", "v", "o")}
+    yield (f"LA forward, value block {BV}", _la_chunk_kernel, dict(bf, cu="*i32"), dict(chunk, REV=False), launch)
+    yield (f"LA reversed, fp32 output, value block {BV}", _la_chunk_kernel, dict(bf, o="*fp32", cu="*i32"),
+           dict(chunk, REV=True), launch)
+    PK, PW, plaunch = pair_launch_config(tl.bfloat16, d, d)
+    pair = dict(BK=PK, BW=PW, ACCUM_A=False, ACCUM_B=False, HAS_INIT=False, **BF16)
+    pb = {n: "*bf16" for n in ("q", "a", "b", "dn", "oa", "ob")}
+    yield (f"fused key/value, output stage ({PK} x {PW} carry)", _la_rev_pair_kernel, dict(pb, cu="*i32"),
+           dict(pair, SAME=False), plaunch)
+    yield (f"fused key/value, key stage ({PK} x {PW} carry)", _la_rev_pair_kernel, dict(pb, cu="*i32"),
+           dict(pair, SAME=True), plaunch)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m kernels.resources", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default 90: H100 / H200)")
+    ap.add_argument("--d", default="64,128", help="head sizes d = dv (default 64,128)")
+    args = ap.parse_args(argv)
+    rows = []
+    for d in (int(x) for x in args.d.split(",")):
+        for label, fn, ptrs, const, launch in cases(d):
+            print(f"[resources] d={d} {label}: compiling for sm_{args.arch} ...", flush=True)
+            regs, stack = usage(fn, ptrs, const, launch, args.arch)
+            threads = 32 * launch["num_warps"]
+            rows.append((d, label, launch["num_warps"], launch["num_stages"], regs, stack, threads * stack))
+    print(f"\nTriton {triton.__version__}, sm_{args.arch}, bf16 operands, chunk {C}\n")
+    print("| d | launch | warps | stages | registers / thread | stack / thread (B) | stack / program (KiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for d, label, nw, ns, regs, stack, per_prog in rows:
+        print(f"| {d} | {label} | {nw} | {ns} | {regs} | {stack} | {per_prog / 1024:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
