@@ -83,6 +83,8 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default 90: H100 / H200)")
     ap.add_argument("--d", default="64,128", help="head sizes d = dv (default 64,128)")
     args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("kernels.resources: compiles kernels, so it needs TRITON_INTERPRET unset (it is set here)")
     rows = []
     for d in (int(x) for x in args.d.split(",")):
         for label, fn, ptrs, const, launch in cases(d):
