@@ -70,12 +70,13 @@ def reverse_combine():
 
 @dataclass(frozen=True)
 class _Weights:
-    """The decay factors of one launch kind (power, segment length, direction), formed once
-    per call on the device: the host then issues few small ops per exchange, which matters
-    because the GPU waits for them between a launch's summary and its chunk kernel."""
+    """The decay factors of one launch kind (power, segment length, direction) on this
+    rank's own slice, formed once per call on the device: the host then issues few small
+    ops per exchange, which matters because the GPU waits for them between a launch's
+    summary and its chunk kernel."""
     seg: torch.Tensor             # [H, S]: g^(L - end_s), segment s's summary carried to the slice's end
     lead: Optional[torch.Tensor]  # [H]: g (a shifted carry enters one step later), or None
-    rho: torch.Tensor             # [world, H]: g^(L_r), the decay across rank r's slice
+    rho: torch.Tensor             # [H]: g^L, the decay across this rank's slice
 
 
 @dataclass
@@ -89,16 +90,19 @@ class _Headers:
 @dataclass
 class ContextParallel:
     """One chain call's view of its process group (made by `setup`). The other ranks'
-    headers are checked, and their slice lengths read, on first use (`resolve`): by then the
-    call's first kernel is queued, so the GPU works while the host waits for the headers."""
+    headers are checked, and their slice lengths read, on first use (`resolve`, from the
+    first exchange): by then the call's first summary and this rank's carry are queued, so
+    the GPU works while the host waits for the headers."""
     group: object
     rank: int
     world: int
+    length: int          # tokens of this rank's slice
     gamma: torch.Tensor  # per-head gamma, float64 on the tensors' device (no host copies later)
     headers: Optional[_Headers]
     _lengths: tuple = ()     # tokens of each rank's slice
     _init_grad: bool = False  # rank 0 has an initial state whose gradient is wanted (all ranks know)
     _weights: dict = field(default_factory=dict, repr=False)
+    _rho: dict = field(default_factory=dict, repr=False)
 
     @property
     def lengths(self) -> tuple:
@@ -140,18 +144,25 @@ class ContextParallel:
         self.headers = None
 
     def weights(self, power, seg, n_seg, shift, dtype) -> _Weights:
+        """This rank's own decay factors (its own length only: no wait for the headers)."""
         key = (power, seg, n_seg, shift, dtype)
         if key not in self._weights:
-            L = self.lengths[self.rank]
+            L = self.length
             g = self.gamma ** power  # device ops with Python exponents: nothing waits on the GPU
-            f64 = dict(dtype=torch.float64, device=g.device)
-            ends = torch.arange(1, n_seg + 1, **f64).mul_(seg).clamp_(max=L)
-            lengths = host_to(torch.tensor(self.lengths, dtype=torch.float64), g.device)
+            ends = torch.arange(1, n_seg + 1, dtype=torch.float64, device=g.device).mul_(seg).clamp_(max=L)
             # g^(L - end_s): Horner over the segments, as the kernel folds them
             self._weights[key] = _Weights(seg=(g[:, None] ** (L - ends)[None, :]).to(dtype),
-                                          lead=g.to(dtype) if shift else None,
-                                          rho=(g[None, :] ** lengths[:, None]).to(dtype))
+                                          lead=g.to(dtype) if shift else None, rho=(g ** L).to(dtype))
         return self._weights[key]
+
+    def rho(self, power, dtype) -> torch.Tensor:
+        """[world, H]: g^(L_r), the decay across every rank's slice (waits for the headers)."""
+        key = (power, dtype)
+        if key not in self._rho:
+            g = self.gamma ** power
+            lengths = host_to(torch.tensor(self.lengths, dtype=torch.float64), g.device)
+            self._rho[key] = (g[None, :] ** lengths[:, None]).to(dtype)
+        return self._rho[key]
 
     def carry_in(self, power, seg, parts, boundary, shift, reverse):
         """The carry a launch starts its slice from.
@@ -173,10 +184,13 @@ class ContextParallel:
                 z = z * per_head(wt.lead, z)
             if b is not None:
                 b = b.reshape(z.shape).to(z.dtype)
-                z = z + per_head(wt.rho[self.rank], z) * b
+                z = z + per_head(wt.rho, z) * b
             W.append(z)
             own.append(b)
         flat = torch.cat([x.reshape(-1) for x in W])
+        # the first wait for the other ranks' headers, if any: after this rank's W is queued,
+        # before the first exchange whose size depends on what the headers check
+        rho = self.rho(power, flat.dtype)
         got = [torch.empty_like(flat) for _ in range(self.world)]
         torch.distributed.all_gather(got, flat, group=self.group)
         combine = reverse_combine() if reverse else forward_combine()
@@ -188,7 +202,7 @@ class ContextParallel:
             acc = None  # the empty prefix: ⊕'s identity
             for s in others:
                 piece = got[s][off:off + n].view(x.shape)
-                acc = piece if acc is None else combine(acc, piece, per_head(wt.rho[s], x))
+                acc = piece if acc is None else combine(acc, piece, per_head(rho[s], x))
             off += n
             if b is not None:
                 acc = b if acc is None else acc + b
@@ -235,7 +249,7 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
         ready = torch.cuda.Event()
         ready.record()
         table = host
-    return ContextParallel(group, rank, world, p["g_dev"], _Headers(table, ready, p["cu"] is not None))
+    return ContextParallel(group, rank, world, p["T"], p["g_dev"], _Headers(table, ready, p["cu"] is not None))
 
 
 def chain_id(chain) -> float:

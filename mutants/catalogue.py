@@ -660,7 +660,7 @@ CPT = "property_tests/test_cp.py"
 CP_DEFECTS = [
     Mutant(
         "cp-fold-undecayed", "context-parallel", CP,
-        "acc = piece if acc is None else combine(acc, piece, per_head(wt.rho[s], x))",
+        "acc = piece if acc is None else combine(acc, piece, per_head(rho[s], x))",
         "acc = piece if acc is None else combine(acc, piece, 1.0)",
         (CPT,), k="ranks_equal_one_process and not gpu",
         description="context parallel: the earlier ranks' carries are folded without the decay "
