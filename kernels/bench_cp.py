@@ -102,7 +102,8 @@ class Timeline:
 def _timeline(fn, args, kw, do, group, rank, world, T):
     """One forward and one forward+backward under a Timeline; rank 0 prints every rank's
     intervals summed by kind and the ten longest single intervals. Also lists the calls
-    that synchronize the host with the GPU (torch.cuda sync debug mode) in one step."""
+    that synchronize a stream or the device (torch.cuda sync debug mode: its warnings only)
+    in one step; an event wait, such as cp's header wait, is not among them."""
     import collections
     import traceback
     import warnings
@@ -113,15 +114,17 @@ def _timeline(fn, args, kw, do, group, rank, world, T):
             dist.barrier(group)
         torch.cuda.synchronize()
         tl_ = Timeline()
-        tl_.mark("start")
-        if what == "fwd":
-            with torch.no_grad():
-                fn(*args, **kw)
-        else:
-            o, _ = fn(*xs, **kw)
-            o.backward(do)
-        tl_.mark("end")
-        tl_.close()
+        try:
+            tl_.mark("start")
+            if what == "fwd":
+                with torch.no_grad():
+                    fn(*args, **kw)
+            else:
+                o, _ = fn(*xs, **kw)
+                o.backward(do)
+            tl_.mark("end")
+        finally:
+            tl_.close()
         res[what] = tl_.intervals()
     if group is not None:  # the bare collective of one exchange (B=1, H=16, d=dv=128 fp32: 1 MiB)
         flat = torch.zeros(B * H * D * D, device="cuda")
@@ -140,15 +143,20 @@ def _timeline(fn, args, kw, do, group, rank, world, T):
     syncs = collections.Counter()
 
     def show(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):  # torch's sync debug warning only
+            return
         frames = [f for f in traceback.extract_stack() if "/kernels/" in f.filename and "bench_cp" not in f.filename]
-        syncs[" < ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in frames[::-1][:3])] += 1
+        where = " < ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in frames[::-1][:3])
+        syncs[where or "outside kernels/"] += 1
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = show
         torch.cuda.set_sync_debug_mode(1)
-        o, _ = fn(*xs, **kw)
-        o.backward(do)
-        torch.cuda.set_sync_debug_mode(0)
+        try:
+            o, _ = fn(*xs, **kw)
+            o.backward(do)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     got = [None] * world
     if group is not None:
         dist.all_gather_object(got, (res, dict(syncs)), group=group)

@@ -25,8 +25,8 @@ from the folded carry) is taken one level up:
 Read backward in time, a launch's carry is "shifted" (kernels/gla.py: SHIFT, it is the
 state after a virtual first update), so a slice hands on g Z_r rather than Z_r; the rest
 is the same. Every launch exchanges once, collectively: all ranks run the same launches
-in the same order (the backward's plan is made from flags all ranks agree on, checked in
-`setup`). Communication per launch and rank: one all_gather of a carry (d x dv per
+in the same order (the backward's plan is made from flags all ranks agree on, exchanged
+in `setup` and checked in `ContextParallel.resolve`). Communication per launch and rank: one all_gather of a carry (d x dv per
 sequence and head, plus the side channels), e.g. 1 MiB for B=1, H=16, d=dv=128 in fp32.
 """
 from __future__ import annotations
@@ -122,25 +122,26 @@ class ContextParallel:
         if h.ready is not None:
             h.ready.synchronize()
         got = h.table
+        n = len(NAMES)
         for i, name in enumerate(NAMES):
             vals = got[:, i].tolist()
             if len(set(vals)) > 1:
                 if name == "gamma":
-                    shown = [f"[{lo:g} .. {hi:g}], CRC-32 {int(c)}" for c, lo, hi in got[:, [i, i + 4, i + 5]].tolist()]
+                    shown = [f"[{lo:g} .. {hi:g}], CRC-32 {int(c)}"
+                             for c, lo, hi in got[:, [i, n + GAMMA_MIN, n + GAMMA_MAX]].tolist()]
                     raise ValueError(f"cp_group: the ranks disagree on gamma: {shown} (rank 0, 1, ...)")
                 shown = [(_DTYPES[int(v)] if name == "dtype" else v) for v in vals]
                 raise ValueError(f"cp_group: the ranks disagree on {name}: {shown} (rank 0, 1, ...)")
-        n = len(NAMES)
         if h.cu_given:
             raise ValueError("cu_seqlens: not supported together with cp_group (each rank's slice is one "
                              "contiguous part of B equal-length sequences)")
-        has = [bool(x) for x in got[:, n + 1].tolist()]
+        has = [bool(x) for x in got[:, n + HAS_INIT].tolist()]
         if any(has[1:]):
             raise ValueError(f"initial_state: with cp_group it is taken on rank 0 only (the other ranks start "
                              f"from the carry of the ranks before them); given on ranks "
                              f"{[r for r, x in enumerate(has) if x and r > 0]}")
-        self._lengths = tuple(int(x) for x in got[:, n].tolist())
-        self._init_grad = bool(got[0, n + 2].item())
+        self._lengths = tuple(int(x) for x in got[:, n + LENGTH].tolist())
+        self._init_grad = bool(got[0, n + INIT_GRAD].item())
         self.headers = None
 
     def weights(self, power, seg, n_seg, shift, dtype) -> _Weights:
@@ -217,6 +218,8 @@ def _header(p, q, fields):
 
 NAMES = ["B", "H", "d", "dv", "dtype", "chain", "normalize", "eps", "scale", "chunk_size",
          "output_final_state", "requires grad (q, k, v)", "cu_seqlens given", "gamma"]
+# after NAMES, a header holds (offsets from len(NAMES)):
+LENGTH, HAS_INIT, INIT_GRAD, GAMMA_MIN, GAMMA_MAX = range(5)
 
 
 def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_final_state, has_init,
@@ -233,9 +236,11 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
     g64 = p["g64"]
     # gamma as its CRC-32 (exact in float64), with its least and largest value for the message
     gsum = float(zlib.crc32(g64.numpy().tobytes()))
+    extra = [0.0] * 5
+    extra[LENGTH], extra[HAS_INIT], extra[INIT_GRAD] = p["T"], float(bool(has_init)), float(bool(init_grad))
+    extra[GAMMA_MIN], extra[GAMMA_MAX] = g64.min().item(), g64.max().item()
     head = _header(p, q, [chain_id, float(bool(normalize)), float(eps), float(scale), float(chunk_size),
-                          float(bool(output_final_state)), float(needs), float(p["cu"] is not None), gsum,
-                          p["T"], float(bool(has_init)), float(bool(init_grad)), g64.min().item(), g64.max().item()])
+                          float(bool(output_final_state)), float(needs), float(p["cu"] is not None), gsum] + extra)
     mine = torch.tensor(head, dtype=torch.float64)
     nccl = dist.get_backend(group) == "nccl"
     if nccl:
@@ -243,11 +248,12 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
     table, ready = torch.stack(got), None
-    if nccl:  # to the host without waiting; resolve() waits on the event
+    if nccl:  # to the host without waiting; resolve() waits on the event (on q's device's
+        # stream, which the copy runs on even when another device is the current one)
         host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
         host.copy_(table, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(table.device))
         table = host
     return ContextParallel(group, rank, world, p["T"], p["g_dev"], _Headers(table, ready, p["cu"] is not None))
 
