@@ -123,6 +123,10 @@ class ContextParallel:
             h.ready.synchronize()
         got = h.table
         n = len(NAMES)
+        failed = [r for r, x in enumerate(got[:, n + FAILED].tolist()) if x]
+        if failed:
+            raise ValueError(f"cp_group: rank(s) {failed} rejected their arguments before the ranks compared "
+                             f"them (their own error says why); this call is abandoned on every rank")
         for i, name in enumerate(NAMES):
             vals = got[:, i].tolist()
             if len(set(vals)) > 1:
@@ -219,7 +223,8 @@ def _header(p, q, fields):
 NAMES = ["B", "H", "d", "dv", "dtype", "chain", "normalize", "eps", "scale", "chunk_size",
          "output_final_state", "requires grad (q, k, v)", "cu_seqlens given", "gamma"]
 # after NAMES, a header holds (offsets from len(NAMES)):
-LENGTH, HAS_INIT, INIT_GRAD, GAMMA_MIN, GAMMA_MAX = range(5)
+LENGTH, HAS_INIT, INIT_GRAD, GAMMA_MIN, GAMMA_MAX, FAILED = range(6)
+HEADER = len(NAMES) + 6
 
 
 def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_final_state, has_init,
@@ -236,7 +241,7 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
     g64 = p["g64"]
     # gamma as its CRC-32 (exact in float64), with its least and largest value for the message
     gsum = float(zlib.crc32(g64.numpy().tobytes()))
-    extra = [0.0] * 5
+    extra = [0.0] * 6
     extra[LENGTH], extra[HAS_INIT], extra[INIT_GRAD] = p["T"], float(bool(has_init)), float(bool(init_grad))
     extra[GAMMA_MIN], extra[GAMMA_MAX] = g64.min().item(), g64.max().item()
     head = _header(p, q, [chain_id, float(bool(normalize)), float(eps), float(scale), float(chunk_size),
@@ -256,6 +261,21 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
         ready.record(torch.cuda.current_stream(table.device))
         table = host
     return ContextParallel(group, rank, world, p["T"], p["g_dev"], _Headers(table, ready, p["cu"] is not None))
+
+
+def setup_failed(group, q):
+    """A rank whose arguments failed its own checks still joins the header exchange (with a
+    FAILED header) before it raises, so the other ranks raise too instead of waiting for it."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or not isinstance(group, dist.ProcessGroup):
+        return  # no exchange is possible: setup raises the same on every rank
+    mine = torch.zeros(HEADER, dtype=torch.float64)
+    mine[len(NAMES) + FAILED] = 1.0
+    if dist.get_backend(group) == "nccl":
+        dev = q.device if isinstance(q, torch.Tensor) and q.is_cuda else torch.device("cuda", torch.cuda.current_device())
+        mine = mine.to(dev)
+    got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(got, mine, group=group)
 
 
 def chain_id(chain) -> float:

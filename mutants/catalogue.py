@@ -692,6 +692,13 @@ CP_DEFECTS = [
         (CPT,), k="bad_use",
         description="context parallel: an initial state given on a rank other than 0 is silently used"),
     Mutant(
+        "cp-local-failure-silent", "context-parallel", "kernels/backward.py",
+        "cp.setup_failed(cfg.cp_group, q)",
+        "pass",
+        (CPT,), k="bad_use",
+        description="context parallel: a rank whose own argument checks fail raises without joining the "
+                    "header exchange, so the other ranks wait for it forever"),
+    Mutant(
         "cp-gamma-unchecked", "context-parallel", CP,
         "gsum = float(zlib.crc32(g64.numpy().tobytes()))",
         "gsum = 0.0",

@@ -69,6 +69,10 @@ def run_rank(sc, rank, group, device="cpu"):
         xs[2] = xs[2][..., :-1].detach().requires_grad_(True)
     elif bad == "normalize":
         normalize = not normalize
+    elif bad == "local_gamma":   # fails rank 1's own checks, before the ranks compare headers
+        gamma = 1.5
+    elif bad == "local_shape":
+        xs[1] = xs[1][..., :-1].detach().requires_grad_(True)
     elif bad == "varlen":  # on every rank
         cu = torch.tensor([0, hi - lo], dtype=torch.int32, device=device)
         return dict(o=fn(*xs, cu_seqlens=cu, cp_group=group))

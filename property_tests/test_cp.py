@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import pytest
 import sympy
@@ -27,12 +28,21 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 TOL = 1e-10
 
 
-def run_world(world, scenarios, backend="gloo"):
-    """Spawn `world` ranks running every scenario; returns [rank][scenario] results."""
+def run_world(world, scenarios, backend="gloo", timeout=None):
+    """Spawn `world` ranks running every scenario; returns [rank][scenario] results. Ranks
+    still running after `timeout` seconds are killed and the test fails: a hang (a rank
+    waiting in a collective the others never join) is a failure, not a stuck suite."""
+    timeout = timeout or 240 + 60 * len(scenarios)
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.start_processes(W.worker, args=(world, scenarios, init_file, tmp, backend), nprocs=world,
-                           join=True, start_method="spawn")
+        ctx = mp.start_processes(W.worker, args=(world, scenarios, init_file, tmp, backend), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail(f"the {world} ranks did not finish within {timeout} s: a rank hangs in a collective")
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
 
 
@@ -140,16 +150,21 @@ def test_ranks_equal_one_process_gpu(world):
 
 def test_bad_use_is_named():
     """Ranks disagreeing on the arguments, an initial state off rank 0, cu_seqlens: the same
-    clear error on every rank (nothing hangs)."""
+    clear error on every rank; arguments that fail one rank's own checks: that error there,
+    and on the others an error naming that rank (nothing hangs either way)."""
     sc = dict(BASE, op="hla2", lengths=[3, 4], gamma=0.9, normalize=False, init=False, dfin=False, seed=7)
-    want = {"gamma": "disagree on gamma", "dv": "disagree on dv", "init": "initial_state: with cp_group",
-            "normalize": "disagree on normalize", "varlen": "cu_seqlens: not supported"}
+    rejected = "rank(s) [1] rejected their arguments"
+    want = {"gamma": ["disagree on gamma"] * 2, "dv": ["disagree on dv"] * 2,
+            "init": ["initial_state: with cp_group"] * 2, "normalize": ["disagree on normalize"] * 2,
+            "varlen": ["cu_seqlens: not supported"] * 2,
+            "local_gamma": [rejected, "gamma must lie in (0, 1]"],
+            "local_shape": [rejected, "k shape"]}
     bad = [dict(sc, bad=b) for b in want]
-    results = run_world(2, bad)   # cp_worker.run_rank applies `bad` on rank 1 (varlen: on both)
+    results = run_world(2, bad, timeout=240)   # cp_worker.run_rank applies `bad` on rank 1 (varlen: on both)
     for i, b in enumerate(bad):
         for r in range(2):
             err = results[r][i].get("error", "")
-            assert want[b["bad"]] in err, (b["bad"], r, err)
+            assert want[b["bad"]][r] in err, (b["bad"], r, err)
 
 
 def test_cp_group_needs_chunk_form_and_a_group():
