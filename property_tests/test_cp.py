@@ -32,7 +32,8 @@ def run_world(world, scenarios, backend="gloo", timeout=None):
     """Spawn `world` ranks running every scenario; returns [rank][scenario] results. Ranks
     still running after `timeout` seconds are killed and the test fails: a hang (a rank
     waiting in a collective the others never join) is a failure, not a stuck suite."""
-    timeout = timeout or 240 + 60 * len(scenarios)
+    # a fresh GPU machine compiles every float64 kernel first (the 2-rank GPU case took most of 200 s)
+    timeout = timeout or (600 if backend == "nccl" else 240) + 60 * len(scenarios)
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         ctx = mp.start_processes(W.worker, args=(world, scenarios, init_file, tmp, backend), nprocs=world,
