@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _decay
+from ._common import _decay, cdiv, next_pow2
 from .gla import _la_summary_kernel, _rows, _seq_bounds, segment_chunks_auto
 
 
@@ -119,8 +119,8 @@ LAUNCH_2BYTE = {(64, 64): (4, 3), (128, 128): (8, 2)}
 def pair_launch_config(dot, d: int, w: int, num_warps=None, num_stages=None):
     """(BK, BW, launch kwargs): full-width tiles (one program holds the d x w carry)."""
     mb = 64 if dot in (tl.bfloat16, tl.float16) else 16
-    BK = max(mb, triton.next_power_of_2(d))
-    BW = max(mb, triton.next_power_of_2(w))
+    BK = max(mb, next_pow2(d))
+    BW = max(mb, next_pow2(w))
     nw, ns = LAUNCH_2BYTE.get((BK, BW), (8 if BK * BW >= 128 * 64 else 4, 2)) if mb == 64 else \
         (8 if BK * BW >= 128 * 64 else 4, 1)
     return BK, BW, dict(num_stages=num_stages or ns, num_warps=num_warps or nw)
@@ -148,12 +148,12 @@ def reversed_pair(la, q, a, b, dN, power, *, same=False, out_a=None, acc_a=None,
     C = p["C"]
     DOT, PREC = la.fmt
     BK, BW, launch = pair_launch_config(DOT, d, w, num_warps, num_stages)
-    n_chunks = triton.cdiv(max(p["lens"]), C)
+    n_chunks = cdiv(max(p["lens"]), C)
     seg = la.segment_chunks
     if seg is None:
         seg = segment_chunks_auto(n_chunks, N * H, dev)
     SEG = C * min(int(seg), n_chunks)
-    nseg = triton.cdiv(max(p["lens"]), SEG)
+    nseg = cdiv(max(p["lens"]), SEG)
     log2g, table = la.decay(power)
     TABLE = sdt == torch.float64
     ACC = tl.float64 if sdt == torch.float64 else tl.float32

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from typing import NamedTuple, Optional
 
-from ._common import _decay, _is_int, buf_dtype, carry_in_out, operand_format, prepare
+from ._common import _decay, _is_int, buf_dtype, carry_in_out, cdiv, next_pow2, operand_format, prepare
 
 
 @triton.jit
@@ -337,14 +337,14 @@ def launch_config(dot, d: int, dv: int, block_v=None, num_warps=None, num_stages
     size 128 and above, so the tiles fit in shared memory.
     """
     mb = 64 if dot in (tl.bfloat16, tl.float16) else 16
-    BK = max(mb, triton.next_power_of_2(d))
+    BK = max(mb, next_pow2(d))
     if block_v is None:
         block_v = 64
         if dot == tl.float32 and BK >= 128:
             block_v = 32
         if dot == tl.float64:
             block_v = 16 if BK >= 128 else 32
-    BV = max(mb, min(block_v, triton.next_power_of_2(dv)))
+    BV = max(mb, min(block_v, next_pow2(dv)))
     if num_stages is None:
         row_bytes = BK * (2 if mb == 64 else 8 if dot == tl.float64 else 4)
         num_stages = 3 if row_bytes <= 256 else 1
@@ -476,23 +476,23 @@ class Chain:
                      REV=bool(reverse), QS=QS, KS=max(KS, 1), SHIFT=bool(shift) and has_init,
                      ACCUM=acc is not None, ACCUM1=side_out and out1 is not None)
         if self.mode == "recurrent":
-            BK = max(16, triton.next_power_of_2(d))
-            BV = max(16, min(self.knobs["block_v"] or 64, triton.next_power_of_2(dv)))
+            BK = max(16, next_pow2(d))
+            BV = max(16, min(self.knobs["block_v"] or 64, next_pow2(dv)))
             launch = {key: val for key, val in (("num_warps", self.knobs["num_warps"]),
                                                 ("num_stages", self.knobs["num_stages"])) if val is not None}
-            _la_recurrent_kernel[(triton.cdiv(dv, BV), N * H)](
+            _la_recurrent_kernel[(cdiv(dv, BV), N * H)](
                 q, k, v, o, g_ptr=self.decay(power), T=T, H=H, D=d, DV=dv, BK=BK, BV=BV, **args, **flags, **launch)
             return o, (o1 if side_out else None)
         C = p["C"]
         DOT, PREC = self.fmt
         BK, BV, launch = launch_config(DOT, d, dv, **self.knobs)
-        nvb = triton.cdiv(dv, BV)
-        n_chunks = triton.cdiv(max(p["lens"]), C)
+        nvb = cdiv(dv, BV)
+        n_chunks = cdiv(max(p["lens"]), C)
         seg = self.segment_chunks
         if seg is None:
             seg = segment_chunks_auto(n_chunks, N * H * nvb, dev)
         SEG = C * min(seg, n_chunks)
-        nseg = triton.cdiv(max(p["lens"]), SEG)
+        nseg = cdiv(max(p["lens"]), SEG)
         log2g, table = self.decay(power)
         TABLE = sdt == torch.float64
         ns = d == 1 or dv == 1
