@@ -296,6 +296,13 @@ CATALOGUE: list[Mutant] = [
         (K2,), k="low_precision and float32 and hla2 and chunk",
         description="fp32 chunk kernels: log2 g ignores the stage's power (HLA2's second "
                     "stage decays by g instead of g^2)"),
+    Mutant(
+        "host-cdiv-floors", "kernel-launch", "kernels/_common.py",
+        "return -(-a // b)",
+        "return a // b",
+        (K2,), k="float64 and hla2 and chunk",
+        description="host grid arithmetic: ceil division floors, so the last partial chunk / "
+                    "value block / segment gets no program"),
     # ------------------------------------------------------------------ kernels: carry
     Mutant(
         "kernel-carry-not-decayed", "kernel-carry", GLA,
