@@ -125,14 +125,10 @@ class ChainFunction(torch.autograd.Function):
                 vals[i] = x
             state = type(state)(*vals)
         with torch.autocast(q.device.type, enabled=False):
-            try:
+            with cp.failures_relayed(cfg.cp_group, q):  # the other ranks wait for this one's header
                 p, st, fin, la = setup_chain(cfg.chain, cfg.state_cls, cfg.mode, q, k, v, cfg.gamma, cfg.normalize,
                                              cfg.eps, cfg.chunk_size, state, cfg.output_final_state,
                                              cfg.cu_seqlens, cfg.check_finite, **cfg.knobs)
-            except Exception:
-                if cfg.cp_group is not None:  # the other ranks are waiting for this one's header
-                    cp.setup_failed(cfg.cp_group, q)
-                raise
             if cfg.cp_group is not None:
                 need = ctx.needs_input_grad
                 la.cp = cp.setup(cfg.cp_group, cp.chain_id(cfg.chain), p, q, normalize=cfg.normalize, eps=cfg.eps,
@@ -362,17 +358,13 @@ def chain_apply(chain, state_cls, mode, q, k, v, *, gamma, scale, normalize, eps
     """The public functions' body: (o, final state or None) with the chain's backward
     attached (q, k, v, the initial state's tensors; cotangents on the final state flow back)."""
     cp.check_mode(mode, cp_group)
-    try:
+    with cp.failures_relayed(cp_group, q):
         if isinstance(gamma, torch.Tensor) and gamma.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError(
                 "gamma requires grad, but the decay is a constant of the HLA kernels (no gradient with "
                 "respect to gamma is computed). Pass gamma.detach() or a float")
         scale = check_scale(scale)
         q, k, v = _autocast(q, k, v)
-    except Exception:
-        if cp_group is not None:
-            cp.setup_failed(cp_group, q)
-        raise
     state, idx, fields = initial_state, (), ()
     if isinstance(initial_state, tuple) and hasattr(initial_state, "_fields"):
         vals = list(initial_state)

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _decay, cdiv, next_pow2
-from .gla import _la_summary_kernel, _rows, _seq_bounds, segment_chunks_auto
+from ._common import _decay, next_pow2
+from .gla import _la_summary_kernel, _rows, _seq_bounds
 
 
 @triton.jit
@@ -148,18 +148,12 @@ def reversed_pair(la, q, a, b, dN, power, *, same=False, out_a=None, acc_a=None,
     C = p["C"]
     DOT, PREC = la.fmt
     BK, BW, launch = pair_launch_config(DOT, d, w, num_warps, num_stages)
-    n_chunks = cdiv(max(p["lens"]), C)
-    seg = la.segment_chunks
-    if seg is None:
-        seg = segment_chunks_auto(n_chunks, N * H, dev)
-    SEG = C * min(int(seg), n_chunks)
-    nseg = cdiv(max(p["lens"]), SEG)
+    SEG, nseg, nsum = la.segments(N * H)  # across ranks nsum counts the slice's last segment too
     log2g, table = la.decay(power)
     TABLE = sdt == torch.float64
     ACC = tl.float64 if sdt == torch.float64 else tl.float32
     cu = p["cu"] if p["cu"] is not None else oa
     dx = oa
-    nsum = nseg if la.cp is not None else nseg - 1  # across ranks: the slice's summary too
     if nsum > 0:  # Y's segment parts: the LA summary with key q, value dN, reversed
         dx = torch.empty((N, H, nsum, d, w), dtype=sdt, device=dev)
         _la_summary_kernel[(1, N * H, nsum)](

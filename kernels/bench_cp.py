@@ -15,12 +15,14 @@ writes bench_cp.json into --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -54,7 +56,7 @@ def _time(run, reps, group):
 
 
 class Timeline:
-    """Where a call's GPU time goes, per rank: CUDA events (and host clock readings) at the
+    """Where a call's GPU time goes, per rank (`with Timeline() as t:`): CUDA events (and host clock readings) at the
     entry and exit of every LA launch (kernels/gla.py Chain.__call__; pair>: the fused
     reversed key/value launch of kernels/backward_pair.py), of its cross-rank
     carry (ContextParallel.carry_in) and of the all_gather inside it. The intervals between
@@ -64,31 +66,33 @@ class Timeline:
     `lag` is the host's clock minus the GPU's at a mark: near zero, the GPU waited for the host."""
 
     def __init__(self):
-        from kernels import backward, cp, gla
         self.marks = []
-        self._orig = [(gla.Chain, "__call__"), (backward, "reversed_pair"), (cp.ContextParallel, "carry_in"),
-                      (dist, "all_gather")]
-        self._saved = [getattr(o, n) for o, n in self._orig]
-        wrap = dict(zip(("launch", "pair", "carry", "ag"), self._saved))
+        self._patches = contextlib.ExitStack()
 
-        def wrapped(name, f):
-            def run(*a, **kw):
-                self.mark(name + ">")
-                r = f(*a, **kw)
-                self.mark("<" + name)
-                return r
-            return run
-        for (o, n), (name, f) in zip(self._orig, wrap.items()):
-            setattr(o, n, wrapped(name, f))
+    def __enter__(self):
+        from kernels import backward, cp, gla
+        for name, (owner, attr) in {"launch": (gla.Chain, "__call__"), "pair": (backward, "reversed_pair"),
+                                    "carry": (cp.ContextParallel, "carry_in"), "ag": (dist, "all_gather")}.items():
+            self._patches.enter_context(mock.patch.object(owner, attr, self._marked(name, getattr(owner, attr))))
+        self.mark("start")
+        return self
+
+    def __exit__(self, *exc):
+        self.mark("end")
+        self._patches.close()
+
+    def _marked(self, name, f):
+        def run(*a, **kw):
+            self.mark(name + ">")
+            r = f(*a, **kw)
+            self.mark("<" + name)
+            return r
+        return run
 
     def mark(self, name):
         e = torch.cuda.Event(enable_timing=True)
         e.record()
         self.marks.append((name, e, time.perf_counter()))
-
-    def close(self):
-        for (o, n), f in zip(self._orig, self._saved):
-            setattr(o, n, f)
 
     def intervals(self):
         """[(from-mark..to-mark, GPU ms, host-minus-GPU lag at the end, ms)] in order."""
@@ -113,18 +117,13 @@ def _timeline(fn, args, kw, do, group, rank, world, T):
         if group is not None:
             dist.barrier(group)
         torch.cuda.synchronize()
-        tl_ = Timeline()
-        try:
-            tl_.mark("start")
+        with Timeline() as tl_:
             if what == "fwd":
                 with torch.no_grad():
                     fn(*args, **kw)
             else:
                 o, _ = fn(*xs, **kw)
                 o.backward(do)
-            tl_.mark("end")
-        finally:
-            tl_.close()
         res[what] = tl_.intervals()
     if group is not None:  # the bare collective of one exchange (B=1, H=16, d=dv=128 fp32: 1 MiB)
         flat = torch.zeros(B * H * D * D, device="cuda")

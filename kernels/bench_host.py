@@ -13,8 +13,10 @@ run the machine disturbed least). Runs anywhere (CPU only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -33,11 +35,13 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def _stub():
-    saved = [(mod, name, getattr(mod, name)) for mod, names in STUBBED.items() for name in names]
-    for mod, name, _ in saved:
-        setattr(mod, name, _NoLaunch())
-    return saved
+def _stubbed():
+    """Every launch of STUBBED replaced by a no-op while the returned context is open."""
+    stack = contextlib.ExitStack()
+    for mod, names in STUBBED.items():
+        for name in names:
+            stack.enter_context(mock.patch.object(mod, name, _NoLaunch()))
+    return stack
 
 
 def _least_mean_ms(fn, reps, calls):
@@ -58,8 +62,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--calls", type=int, default=50)
     args = ap.parse_args(argv)
-    saved = _stub()
-    try:
+    with _stubbed():
         torch.manual_seed(0)
         q, k, v, do = (torch.randn(1, 64, 2, 16) for _ in range(4))
         xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
@@ -76,9 +79,6 @@ def main(argv=None):
                 o.backward(do)
             rows.append((name, _least_mean_ms(fwd, args.reps, args.calls), _least_mean_ms(step, args.reps, args.calls)))
             print(f"[host] {name}: forward {rows[-1][1]:.3f} ms, forward+backward {rows[-1][2]:.3f} ms", flush=True)
-    finally:
-        for mod, name, fn in saved:
-            setattr(mod, name, fn)
     print(f"\nHost time per call, launches stubbed (torch {torch.__version__}; least mean of {args.reps} x "
           f"{args.calls} calls)\n")
     print("| function | forward (ms) | forward+backward (ms) |")

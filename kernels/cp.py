@@ -31,6 +31,7 @@ sequence and head, plus the side channels), e.g. 1 MiB for B=1, H=16, d=dv=128 i
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 from dataclasses import dataclass, field
@@ -84,7 +85,6 @@ class _Headers:
     """Every rank's header, on its way to the host (made by `setup`, read by `resolve`)."""
     table: torch.Tensor            # [world, fields] float64 (pinned host memory when it came by NCCL)
     ready: Optional[object]        # CUDA event after the copy to the host, or None (already there)
-    cu_given: bool                 # this call has cu_seqlens (refused, on every rank, once all headers are in)
 
 
 @dataclass
@@ -136,7 +136,7 @@ class ContextParallel:
                     raise ValueError(f"cp_group: the ranks disagree on gamma: {shown} (rank 0, 1, ...)")
                 shown = [(_DTYPES[int(v)] if name == "dtype" else v) for v in vals]
                 raise ValueError(f"cp_group: the ranks disagree on {name}: {shown} (rank 0, 1, ...)")
-        if h.cu_given:
+        if got[0, NAMES.index("cu_seqlens given")]:  # the ranks agree on it by now
             raise ValueError("cu_seqlens: not supported together with cp_group (each rank's slice is one "
                              "contiguous part of B equal-length sequences)")
         has = [bool(x) for x in got[:, n + HAS_INIT].tolist()]
@@ -223,8 +223,37 @@ def _header(p, q, fields):
 NAMES = ["B", "H", "d", "dv", "dtype", "chain", "normalize", "eps", "scale", "chunk_size",
          "output_final_state", "requires grad (q, k, v)", "cu_seqlens given", "gamma"]
 # after NAMES, a header holds (offsets from len(NAMES)):
-LENGTH, HAS_INIT, INIT_GRAD, GAMMA_MIN, GAMMA_MAX, FAILED = range(6)
-HEADER = len(NAMES) + 6
+EXTRA = 6
+LENGTH, HAS_INIT, INIT_GRAD, GAMMA_MIN, GAMMA_MAX, FAILED = range(EXTRA)
+HEADER = len(NAMES) + EXTRA
+
+
+def _check_group(group):
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("cp_group: torch.distributed is not initialized (call "
+                           "torch.distributed.init_process_group first)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"cp_group: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
+
+
+def _usable(group) -> bool:
+    try:
+        _check_group(group)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _gather_headers(group, mine, device):
+    """Every rank's header [world, HEADER]: one all_gather, on `device` under NCCL (None:
+    the current CUDA device)."""
+    dist = torch.distributed
+    if dist.get_backend(group) == "nccl":
+        mine = host_to(mine, device if device is not None else torch.device("cuda", torch.cuda.current_device()))
+    got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(got, mine, group=group)
+    return torch.stack(got)
 
 
 def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_final_state, has_init,
@@ -232,50 +261,42 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
     """Check `group` and start the exchange of the ranks' headers (what they must agree on,
     and their slice lengths): one small collective per call, read on first use."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("cp_group: torch.distributed is not initialized (call "
-                           "torch.distributed.init_process_group first)")
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"cp_group: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
+    _check_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     g64 = p["g64"]
     # gamma as its CRC-32 (exact in float64), with its least and largest value for the message
     gsum = float(zlib.crc32(g64.numpy().tobytes()))
-    extra = [0.0] * 6
+    extra = [0.0] * EXTRA
     extra[LENGTH], extra[HAS_INIT], extra[INIT_GRAD] = p["T"], float(bool(has_init)), float(bool(init_grad))
     extra[GAMMA_MIN], extra[GAMMA_MAX] = g64.min().item(), g64.max().item()
     head = _header(p, q, [chain_id, float(bool(normalize)), float(eps), float(scale), float(chunk_size),
                           float(bool(output_final_state)), float(needs), float(p["cu"] is not None), gsum] + extra)
-    mine = torch.tensor(head, dtype=torch.float64)
-    nccl = dist.get_backend(group) == "nccl"
-    if nccl:
-        mine = host_to(mine, q.device)
-    got = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(got, mine, group=group)
-    table, ready = torch.stack(got), None
-    if nccl:  # to the host without waiting; resolve() waits on the event (on q's device's
+    table = _gather_headers(group, torch.tensor(head, dtype=torch.float64), q.device)
+    ready = None
+    if table.is_cuda:  # to the host without waiting; resolve() waits on the event (on q's device's
         # stream, which the copy runs on even when another device is the current one)
         host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
         host.copy_(table, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(table.device))
         table = host
-    return ContextParallel(group, rank, world, p["T"], p["g_dev"], _Headers(table, ready, p["cu"] is not None))
+    return ContextParallel(group, rank, world, p["T"], p["g_dev"], _Headers(table, ready))
 
 
-def setup_failed(group, q):
-    """A rank whose arguments failed its own checks still joins the header exchange (with a
-    FAILED header) before it raises, so the other ranks raise too instead of waiting for it."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or not isinstance(group, dist.ProcessGroup):
-        return  # no exchange is possible: setup raises the same on every rank
-    mine = torch.zeros(HEADER, dtype=torch.float64)
-    mine[len(NAMES) + FAILED] = 1.0
-    if dist.get_backend(group) == "nccl":
-        dev = q.device if isinstance(q, torch.Tensor) and q.is_cuda else torch.device("cuda", torch.cuda.current_device())
-        mine = mine.to(dev)
-    got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(got, mine, group=group)
+@contextlib.contextmanager
+def failures_relayed(group, q):
+    """Around a rank's own argument checks: if they raise, the rank still joins the header
+    exchange (with a FAILED header) before the error propagates, so the other ranks raise
+    too instead of waiting for it. No group, or one no exchange can run on: nothing to do
+    (setup then raises the same on every rank)."""
+    try:
+        yield
+    except Exception:
+        if group is not None and _usable(group):
+            mine = torch.zeros(HEADER, dtype=torch.float64)
+            mine[len(NAMES) + FAILED] = 1.0
+            _gather_headers(group, mine, q.device if isinstance(q, torch.Tensor) and q.is_cuda else None)
+        raise
 
 
 def chain_id(chain) -> float:

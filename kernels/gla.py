@@ -364,7 +364,7 @@ def segment_chunks_auto(n_chunks: int, programs: int, device) -> int:
         return n_chunks
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     parts = max(1, min(n_chunks, sms // programs))
-    return -(-n_chunks // parts)
+    return cdiv(n_chunks, parts)
 
 
 def check_knob(name: str, x, pow2=False, most=None):
@@ -406,6 +406,20 @@ class Chain:
         self.segment_chunks = check_knob("segment_chunks", segment_chunks)
         self.cp = None  # kernels/cp.py: ContextParallel when the sequence is split across ranks
         self._decays = {}
+
+    def segments(self, programs: int):
+        """(SEG tokens per segment, nseg segments, nsum segment summaries) of a chunked
+        launch with `programs` programs per segment. The summaries are of the segments
+        before the last; across ranks the last one's too (the slice's summary is what the
+        ranks exchange, kernels/cp.py)."""
+        p = self.p
+        n_chunks = cdiv(max(p["lens"]), p["C"])
+        seg = self.segment_chunks
+        if seg is None:
+            seg = segment_chunks_auto(n_chunks, programs, p["q"].device)
+        SEG = p["C"] * min(seg, n_chunks)
+        nseg = cdiv(max(p["lens"]), SEG)
+        return SEG, nseg, nseg if self.cp is not None else nseg - 1
 
     def decay(self, power: int):
         """Per-head decay arguments for g = gamma^power, formed once per power: recurrent
@@ -487,20 +501,12 @@ class Chain:
         DOT, PREC = self.fmt
         BK, BV, launch = launch_config(DOT, d, dv, **self.knobs)
         nvb = cdiv(dv, BV)
-        n_chunks = cdiv(max(p["lens"]), C)
-        seg = self.segment_chunks
-        if seg is None:
-            seg = segment_chunks_auto(n_chunks, N * H * nvb, dev)
-        SEG = C * min(seg, n_chunks)
-        nseg = cdiv(max(p["lens"]), SEG)
+        SEG, nseg, nsum = self.segments(N * H * nvb)
         log2g, table = self.decay(power)
         TABLE = sdt == torch.float64
         ns = d == 1 or dv == 1
         dx = dx1 = dxr = dummy
         consts = dict(BK=BK, BV=BV, C=C, DOT=DOT, PREC=PREC, TABLE=TABLE)
-        # summaries of the segments before the last; across ranks the last one's too (the
-        # slice's summary is what the ranks exchange, kernels/cp.py)
-        nsum = nseg if self.cp is not None else nseg - 1
         if nsum > 0:
             dx = torch.empty((N, H, nsum, d, dv), dtype=sdt, device=dev)
             dx1 = torch.empty((N, H, nsum, d), dtype=sdt, device=dev) if SIDE else dummy

@@ -681,8 +681,8 @@ CP_DEFECTS = [
                     "(the shifted carry of a final-state cotangent)"),
     Mutant(
         "cp-last-segment-unsummarized", "context-parallel", GLA,
-        "nsum = nseg if self.cp is not None else nseg - 1",
-        "nsum = nseg - 1",
+        "return SEG, nseg, nseg if self.cp is not None else nseg - 1",
+        "return SEG, nseg, nseg - 1",
         (CPT,), k="ranks_equal_one_process and not gpu",
         description="context parallel: the slice's summary leaves out its last segment"),
     Mutant(
@@ -699,9 +699,9 @@ CP_DEFECTS = [
         (CPT,), k="bad_use",
         description="context parallel: an initial state given on a rank other than 0 is silently used"),
     Mutant(
-        "cp-local-failure-silent", "context-parallel", "kernels/backward.py",
-        "cp.setup_failed(cfg.cp_group, q)",
-        "pass",
+        "cp-local-failure-silent", "context-parallel", CP,
+        "        if group is not None and _usable(group):",
+        "        if False:",
         (CPT,), k="bad_use",
         description="context parallel: a rank whose own argument checks fail raises without joining the "
                     "header exchange, so the other ranks wait for it forever"),
