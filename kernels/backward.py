@@ -51,6 +51,7 @@ import torch
 from . import cp
 from ._common import _is_real
 from .backward_pair import reversed_pair
+from .backward_query import query_pair
 from .gla import forward_chain, setup_chain
 
 
@@ -195,6 +196,10 @@ PAIR = os.environ.get("HLA_BWD_PAIR", "1") != "0"
 
 PAIR_MAX_WIDTH = 64  # a stage with a != b is fused only up to this head size (H100 sweep)
 
+# The query rules of two stages in one forward launch (kernels/backward_query.py) where it
+# applies; HLA_BWD_QUERY_PAIR=0 (or kernels.backward.QUERY_PAIR = False) keeps one per stage.
+QUERY_PAIR = os.environ.get("HLA_BWD_QUERY_PAIR", "1") != "0"
+
 
 def _pair_stages(chain, la, steps, normalize, has_init):
     """Stages whose key and value rules run as one fused reversed launch: chunk mode, both
@@ -225,6 +230,24 @@ def _pair_stages(chain, la, steps, normalize, has_init):
     return ok
 
 
+def _query_pairs(chain, la, steps, normalize, st):
+    """{stage index: partner}: stages whose query rules run together in one forward launch
+    (kernels/backward_query.py), taken two by two in the order the plan runs them. A stage
+    qualifies in chunk mode, without a side channel, without an initial carry (its query
+    rule's carry in) and without context parallelism (no carry exchange in that launch);
+    head sizes above 1 as _pair_stages. The first of two waits for the second (its
+    cotangent dN is kept until then)."""
+    p = la.p
+    if not QUERY_PAIR or la.mode != "chunk" or la.cp is not None or min(p["d"], p["dv"]) < 2:
+        return {}
+    ready = [i for i, r, _ in steps if r.target == "q" and not (normalize and chain[i].side is not None)
+             and st.get(chain[i].state) is None]
+    pairs = {}
+    for first, second in zip(ready[0::2], ready[1::2]):
+        pairs[first], pairs[second] = second, first
+    return pairs
+
+
 def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
     """(dq, dk, dv, {state field: cotangent of the initial carry}) of one chain call.
 
@@ -245,10 +268,13 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
         has_init = {s.state: la.cp.init_grad for s in chain}
     steps = _plan(chain, need, has_init)
     pair = _pair_stages(chain, la, steps, normalize, has_init)
+    qpair = _query_pairs(chain, la, steps, normalize, st)
     writers = {}
     for i, r, tgt in steps:
         if i in pair and r.target == "b" and chain[i].key == chain[i].value:
             continue  # the key stage's fused launch writes da + db once
+        if r.target == "q" and i in qpair and qpair[i] < i:
+            continue  # the first of two query rules: written by the second's launch
         writers[tgt] = writers.get(tgt, 0) + 1
     written = dict.fromkeys(writers, 0)
 
@@ -263,6 +289,7 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
         acc = cot.get(tgt)
         return (acc if fdt == sdt else None), acc, fdt
     cot, dinit = {}, {}
+    waiting = None  # the first query rule of a query pair
     producer_side = {s.state: s.side for s in chain}
     n = len(chain)
     prepared = {}
@@ -297,6 +324,14 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
                     dX1f = torch.zeros((p["N"], H, d, 1), dtype=sdt, device=a.device)
             prepared = {i: (dN, dD, dXf, dX1f)}
         dN, dD, dXf, dX1f = prepared[i]
+        if r.target == "q" and i in qpair:  # two stages' query rules in one forward launch
+            term = (dN, b, a, s.power)
+            if qpair[i] < i:
+                waiting = term  # the partner comes later in the plan
+                continue
+            dest, acc, odt = place(tgt)
+            cot[tgt] = query_pair(la, [waiting, term], out=dest, acc=acc, out_dtype=odt)
+            continue
         if i in pair and r.target != "q":  # the key and value rules in one reversed launch
             if r.target == "b":
                 continue  # done with the key rule

@@ -250,6 +250,45 @@ def train(args):
                 continue
             la_rows.append(dict(T=T, d=d, launch=nm, ms=ms, rel_err=err))
             print(f"[train] T={T} d={d} {nm}: {ms:.3f} ms (rel err vs two launches {err:.2e})", flush=True)
+        # the query rules of HLA2's two stages (dq): one forward launch each, through an fp32
+        # buffer, against one launch for both (kernels/backward_query.py)
+        from kernels import backward_query
+        from kernels.backward_query import query_pair
+        kt = la(q, k, k, 1)[0]
+        dkt = torch.randn(B, T, H, d, device=dev, dtype=torch.bfloat16) * d ** -0.5
+
+        def two_dq():
+            acc = la(dn, v, kt, 2, out_dtype=torch.float32)[0]
+            return la(dkt, k, k, 1, acc=acc, out_dtype=bf)[0]
+        ref_dq = two_dq().float()
+        dq_cases = [("two forward LAs (dq, fp32 acc)", two_dq)]
+        bk = max(64, triton.next_power_of_2(d))
+        qconfigs = [(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)] if args.pair_sweep else \
+            [backward_query.LAUNCH_2BYTE.get((bk, bk, 64), (8, 2))]
+        for nw, ns in qconfigs:
+            dq_cases.append((f"query pair (dq) warps={nw} stages={ns}",
+                             lambda nw=nw, ns=ns: query_pair(la, [(dn, v, kt, 2), (dkt, k, k, 1)], out_dtype=bf,
+                                                             num_warps=nw, num_stages=ns)))
+        qswept = {}
+        for nm, f in dq_cases:
+            try:
+                err = ((f().float() - ref_dq).norm() / ref_dq.norm()).item()
+                ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+            except Exception as exc:  # noqa: BLE001
+                print(f"[train] T={T} d={d} {nm}: FAILED {str(exc)[:200]!r}", flush=True)
+                continue
+            la_rows.append(dict(T=T, d=d, launch=nm, ms=ms, rel_err=err))
+            print(f"[train] T={T} d={d} {nm}: {ms:.3f} ms (rel err vs two launches {err:.2e})", flush=True)
+            if "warps=" in nm:
+                qswept[nm.split(") ")[1]] = ms
+        if args.pair_sweep and qswept:
+            best = min(qswept, key=qswept.get)
+            nw, ns = (int(x.split("=")[1]) for x in best.split())
+            backward_query.LAUNCH_2BYTE[(bk, bk, 64)] = (nw, ns)
+            print(f"[train] T={T} d={d} query pair launch for the training rows: {best} ({qswept[best]:.3f} ms)",
+                  flush=True)
+            tuned[f"query_{d}"] = (nw, ns)
+        del kt, dkt
         swept = {}
         for r in la_rows:
             if (r["T"], r["d"]) == (T, d) and r["launch"].startswith("fused pair") and "warps=" in r["launch"]:
@@ -279,6 +318,8 @@ def train(args):
         }
         for nm in ("chunk_hla2", "chunk_ahla", "chunk_hla3"):  # the backward with two reversed launches per stage
             methods[nm + "_two_launch"] = methods[nm]
+        for nm in ("chunk_hla2", "chunk_ahla", "chunk_hla3"):  # one query-rule launch per stage
+            methods[nm + "_query_split"] = methods[nm]
         if args.train_inplace_baseline:
             methods["torch_chunked_hla2"] = lambda q, k, v: torch_chunked_hla2(q, k, v, GAMMA)
         if chunk_simple_gla is not None:
@@ -290,6 +331,7 @@ def train(args):
                 continue
             t0 = time.time()
             kernels.backward.PAIR = not mname.endswith("_two_launch")
+            kernels.backward.QUERY_PAIR = not mname.endswith("_query_split")
             xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
             dd = do if mname != "sdpa_causal" else do.transpose(1, 2)
 
@@ -318,7 +360,7 @@ def train(args):
                   f"peak {peak / 2 ** 30:6.2f} GiB (step extra {(peak - base) / 2 ** 30:6.2f}) "
                   f"({time.time() - t0:.1f}s wall)", flush=True)
             del xs
-            kernels.backward.PAIR = True
+            kernels.backward.PAIR = kernels.backward.QUERY_PAIR = True
             torch.cuda.empty_cache()
         save()  # after every shape: a run cut short keeps what it measured
     save()
@@ -493,6 +535,8 @@ def main(argv=None):
         }
         for nm in ("chunk_hla2", "chunk_ahla", "chunk_hla3"):  # the backward with two reversed launches per stage
             methods[nm + "_two_launch"] = methods[nm]
+        for nm in ("chunk_hla2", "chunk_ahla", "chunk_hla3"):  # one query-rule launch per stage
+            methods[nm + "_query_split"] = methods[nm]
         if args.train_inplace_baseline:
             methods["torch_chunked_hla2"] = lambda q, k, v: torch_chunked_hla2(q, k, v, GAMMA)
         if chunk_simple_gla is not None:

@@ -21,11 +21,12 @@ from unittest import mock
 import torch
 
 import kernels
-from kernels import backward_pair, gla
+from kernels import backward_pair, backward_query, gla
 
 STUBBED = {gla: ("_la_chunk_kernel", "_la_chunk_kernel_ns", "_la_summary_kernel", "_la_summary_kernel_ns",
                  "_la_recurrent_kernel"),
-           backward_pair: ("_la_rev_pair_kernel", "_la_summary_kernel")}
+           backward_pair: ("_la_rev_pair_kernel", "_la_summary_kernel"),
+           backward_query: ("_la_sum2_kernel", "_la_summary_kernel")}
 
 
 class _NoLaunch:

@@ -4,10 +4,11 @@
 
 Triton compiles the kernels of the bf16 training path at a shape like the benchmark's
 (T, H, d multiples of 16: pointers and those sizes get the 16-divisibility the JIT would
-give them) with the launch configurations of kernels/gla.py and kernels/backward_pair.py
+give them) with the launch configurations of kernels/gla.py, kernels/backward_pair.py and backward_query.py
 (called, not copied) for sm_<arch>: the segment summary, the forward LA, the forward LA
 that adds into an fp32 gradient (dq), the reversed LA with an fp32 output, and the fused
-reversed key/value launch of an output stage and of a key stage. cuobjdump (shipped with
+reversed key/value launch of an output stage and of a key stage, and the query pair (both
+stages' dq rules in one forward launch). cuobjdump (shipped with
 Triton) reads registers per thread and the stack frame per thread from the cubin. At the 255-register cap the stack frame holds what did not fit in
 registers (spills), so a frame that grows with the tile is evidence of register pressure;
 it is the frame's size, not the traffic through it. The numbers belong to the Triton
@@ -28,14 +29,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .backward_pair import _la_rev_pair_kernel, pair_launch_config
+from .backward_query import _la_sum2_kernel, sum2_launch_config
 from .gla import _la_chunk_kernel, _la_summary_kernel, launch_config
 
 C = 64
 BF16 = dict(DOT=tl.bfloat16, ACC=tl.float32, PREC="ieee", TABLE=False, VARLEN=False, C=C)
 
 
-SCALARS = ("T", "H", "D", "DV", "W", "SEG", "NSUM")
-DIVISIBLE = ("T", "H", "D", "DV", "W", "SEG")  # multiples of 16 at the benchmark's shapes
+SCALARS = ("T", "H", "D", "DV", "W", "D1", "D2", "SEG", "NSUM")
+DIVISIBLE = ("T", "H", "D", "DV", "W", "D1", "D2", "SEG")  # multiples of 16 at the benchmark's shapes
 
 
 def _signature(fn, pointers, constexprs):
@@ -86,6 +88,10 @@ def cases(d):
            dict(pair, SAME=False), plaunch)
     yield (f"fused key/value, key stage ({PK} x {PW} carry)", _la_rev_pair_kernel, dict(pb, cu="*i32"),
            dict(pair, SAME=True), plaunch)
+    K1, K2, QV, qlaunch = sum2_launch_config(tl.bfloat16, d, d, d)
+    qb = {n: "*bf16" for n in ("q1", "k1", "v1", "q2", "k2", "v2", "o")}
+    yield (f"query pair (dq), two {K1} x {QV} carries", _la_sum2_kernel, dict(qb, cu="*i32"),
+           dict(BK1=K1, BK2=K2, BV=QV, ACCUM=False, **BF16), qlaunch)
 
 
 def main(argv=None):

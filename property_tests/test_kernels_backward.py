@@ -318,6 +318,54 @@ def test_fused_key_value_launch_equals_two_launches(op, monkeypatch):
     assert kb._pair_stages(C2, _Rec, steps, False, {s.state: False for s in C2}) == set()
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_query_pair_launch_equals_separate_launches(op, monkeypatch):
+    """kernels/backward_query.py (two stages' query rules in one forward launch, on by
+    default where it applies) against one launch per stage, float64 to 1e-12: varlen,
+    forced segments (both terms' summaries and folds), a per-head decay with the stages'
+    different powers; and where it applies (kernels.backward._query_pairs)."""
+    import kernels.backward as kb
+    from kernels.hla2 import CHAIN as C2
+    from kernels.hla3 import CHAIN as C3
+    T, H, d, dv = 45, 2, 4, 3
+    q, k, v, do = _inputs(1, T, H, d, dv, seed=6)
+    g = torch.tensor([0.9, 0.6], dtype=F64, device=DEVICE)
+    cu = torch.tensor([0, 30, 45], device=DEVICE)
+    res = {}
+    for fused in (True, False):
+        monkeypatch.setattr(kb, "QUERY_PAIR", fused)
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o, _ = FNS[(op, "chunk")](*xs, gamma=g, chunk_size=16, cu_seqlens=cu, segment_chunks=1)
+        (o * do).sum().backward()
+        res[fused] = [x.grad for x in xs]
+    for name, a, b in zip("qkv", res[True], res[False]):
+        assert _rel(a.cpu(), b.cpu()) <= 1e-12, (op, name)
+    monkeypatch.setattr(kb, "QUERY_PAIR", True)
+
+    class _La:  # the attributes _query_pairs reads
+        mode, cp, p = "chunk", None, {"d": 4, "dv": 3}
+    need = dict(q=True, k=True, v=True, init=False)
+    none = {}
+    for chain, nz, want in ((C2, False, {1: 0, 0: 1}), (C2, True, {}), (C3, False, {2: 1, 1: 2}),
+                            (C3, True, {})):
+        steps = kb._plan(chain, need, {s.state: False for s in chain})
+        assert kb._query_pairs(chain, _La, steps, nz, none) == want, (chain, nz)
+    steps = kb._plan(C2, need, {s.state: False for s in C2})
+    # an initial carry on one stage (its query rule's carry in), no dq wanted, recurrent
+    # mode, context parallelism: one launch per stage
+    assert kb._query_pairs(C2, _La, steps, False, {"KK": torch.zeros(1)}) == {}
+    no_q = kb._plan(C2, dict(need, q=False), {s.state: False for s in C2})
+    assert kb._query_pairs(C2, _La, no_q, False, none) == {}
+
+    class _Rec(_La):
+        mode = "recurrent"
+
+    class _Cp(_La):
+        cp = object()
+    assert kb._query_pairs(C2, _Rec, steps, False, none) == {}
+    assert kb._query_pairs(C2, _Cp, steps, False, none) == {}
+
+
 def examples(ci: int, gpu: int = 10):
     if ON_GPU:
         return settings(max_examples=gpu, phases=[Phase.explicit, Phase.reuse, Phase.generate])
