@@ -39,6 +39,9 @@ writes each intermediate stage's cotangent once, in the stage-output format (bf1
 inputs: what its LAs round it to anyway), a gradient written by one rule directly in the
 input dtype, and accumulates a gradient written by several rules (dq: one per stage; dk of
 a key stage) in an fp32 buffer that its last rule reads and converts (chain_backward).
+Two launches that would share such a buffer are fused where they apply: a stage's key and
+value rules (kernels/backward_pair.py) and two stages' query rules (backward_query.py),
+which add their terms in registers; in HLA2's backward dq and dk then need no buffer.
 """
 from __future__ import annotations
 

@@ -662,6 +662,37 @@ BACKWARD_PAIR_DEFECTS = [
 ]
 CATALOGUE += BACKWARD_PAIR_DEFECTS
 
+QP = "kernels/backward_query.py"
+QUERY_PAIR_DEFECTS = [
+    Mutant(
+        "query-pair-second-term-decay", "kernel-backward", QP,
+        "la2, p2, b2, Dm2 = _term_decays(lg2, pw2, h, oc, C, ACC, TABLE)",
+        "la2, p2, b2, Dm2 = _term_decays(lg1, pw1, h, oc, C, ACC, TABLE)",
+        (KB,), k="float64_grads_equal and chunk",
+        description="query pair (two stages' dq rules in one launch): the second term runs with the "
+                    "first term's decay (HLA2: g instead of g^2 for one of them)"),
+    Mutant(
+        "query-pair-first-term-dropped", "kernel-backward", QP,
+        "ob += ob2",
+        "ob = ob2",
+        (KB,), k="float64_grads_equal and chunk",
+        description="query pair: dq gets only the second stage's query rule"),
+    Mutant(
+        "query-pair-fold-undecayed", "kernel-backward", QP,
+        "X = gS * X + tl.load(dx",
+        "X = X + tl.load(dx",
+        (KB,), k="segments or query_pair",
+        description="query pair: the earlier segments' carries are folded in without the decay g^SEG"),
+    Mutant(
+        "query-pair-ignores-initial-carry", "kernel-backward", "kernels/backward.py",
+        "and st.get(chain[i].state) is None]",
+        "]",
+        (KB,), k="state_gradients or query_pair",
+        description="query pair taken for a stage with an initial state: the initial carry's part of "
+                    "dq (g^(t+1) q-side of X0) is lost"),
+]
+CATALOGUE += QUERY_PAIR_DEFECTS
+
 CP = "kernels/cp.py"
 CPT = "property_tests/test_cp.py"
 CP_DEFECTS = [
