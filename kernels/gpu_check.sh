@@ -16,7 +16,7 @@ for s in $steps; do
   case $s in
     tests)
       echo "== GPU property tests"
-      HYPOTHESIS_PROFILE=gpu timeout ${TEST_TIMEOUT:-330} python3 -m pytest property_tests/test_kernels*.py -q -p no:cacheprovider \
+      HYPOTHESIS_PROFILE=gpu timeout ${TEST_TIMEOUT:-450} python3 -m pytest property_tests/test_kernels*.py -q -p no:cacheprovider \
         -n 12 --tb=short -rf -o addopts="" 2>&1 | grep -v -e PytestBenchmarkWarning -e "warner(" > "$OUT/tests.log"; tail -25 "$OUT/tests.log" ;;
     bench)
       echo "== benchmark"
