@@ -233,18 +233,17 @@ def _pair_stages(chain, la, steps, normalize, has_init):
     return ok
 
 
-def _query_pairs(chain, la, steps, normalize, st):
+def _query_pairs(chain, la, steps, normalize):
     """{stage index: partner}: stages whose query rules run together in one forward launch
     (kernels/backward_query.py), taken two by two in the order the plan runs them. A stage
-    qualifies in chunk mode, without a side channel, without an initial carry (its query
-    rule's carry in) and without context parallelism (no carry exchange in that launch);
-    head sizes above 1 as _pair_stages. The first of two waits for the second (its
-    cotangent dN is kept until then)."""
+    qualifies in chunk mode without a side channel (normalize); head sizes above 1 as
+    _pair_stages. The same on every rank of a context-parallel group: nothing here depends
+    on a rank's own arguments (an initial state, on rank 0 only, enters as a carry). The
+    first of two waits for the second (its cotangent dN is kept until then)."""
     p = la.p
-    if not QUERY_PAIR or la.mode != "chunk" or la.cp is not None or min(p["d"], p["dv"]) < 2:
+    if not QUERY_PAIR or la.mode != "chunk" or min(p["d"], p["dv"]) < 2:
         return {}
-    ready = [i for i, r, _ in steps if r.target == "q" and not (normalize and chain[i].side is not None)
-             and st.get(chain[i].state) is None]
+    ready = [i for i, r, _ in steps if r.target == "q" and not (normalize and chain[i].side is not None)]
     pairs = {}
     for first, second in zip(ready[0::2], ready[1::2]):
         pairs[first], pairs[second] = second, first
@@ -271,7 +270,7 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
         has_init = {s.state: la.cp.init_grad for s in chain}
     steps = _plan(chain, need, has_init)
     pair = _pair_stages(chain, la, steps, normalize, has_init)
-    qpair = _query_pairs(chain, la, steps, normalize, st)
+    qpair = _query_pairs(chain, la, steps, normalize)
     writers = {}
     for i, r, tgt in steps:
         if i in pair and r.target == "b" and chain[i].key == chain[i].value:
@@ -328,7 +327,8 @@ def chain_backward(chain, la, p, st, out, normalize, eps, do, dfin, need):
             prepared = {i: (dN, dD, dXf, dX1f)}
         dN, dD, dXf, dX1f = prepared[i]
         if r.target == "q" and i in qpair:  # two stages' query rules in one forward launch
-            term = (dN, b, a, s.power)
+            X0 = st.get(s.state)  # the query rule's carry is b x a: X0 transposed
+            term = (dN, b, a, s.power, X0.transpose(-1, -2) if X0 is not None else None)
             if qpair[i] < i:
                 waiting = term  # the partner comes later in the plan
                 continue

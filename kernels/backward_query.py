@@ -17,8 +17,10 @@ the chunk kernel's form (kernels/gla.py), twice. Sequence segments reuse the LA 
 kernel once per term. Numerically the same sum as the two launches (fp32 / fp64 adds
 before one rounding to dq's format).
 
-Scope: chunk mode, no side channels, no initial carries, no context parallelism;
-kernels/backward.py runs separate launches otherwise.
+Initial carries (the stages' initial states, transposed as the query rule's carry) and,
+with context parallelism, each term's carry from the earlier ranks (kernels/cp.py, one
+exchange per term as for separate launches) enter as the LA's. Scope: chunk mode, no side
+channels; kernels/backward.py runs separate launches otherwise.
 """
 from __future__ import annotations
 
@@ -73,13 +75,14 @@ def _term_chunk(q, k, v, X, rows, mr, Lc, H, h, D, DV, ok, ov, mv, oc, lg, pw, b
 
 
 @triton.jit
-def _la_sum2_kernel(q1, k1, v1, q2, k2, v2, o, acc, lg1, pw1, lg2, pw2, dx1, dx2, cu,
+def _la_sum2_kernel(q1, k1, v1, q2, k2, v2, o, acc, lg1, pw1, lg2, pw2, dx1, dx2, x01, x02, cu,
                     T, H, D1, D2, DV, SEG, NSUM,
                     BK1: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                     VARLEN: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                    TABLE: tl.constexpr, ACCUM: tl.constexpr):
+                    TABLE: tl.constexpr, ACCUM: tl.constexpr, HAS_INIT: tl.constexpr):
     # program (iv, nh, s): value block iv of sequence-head nh, segment s; o = LA(q1, k1, v1; g1)
-    # + LA(q2, k2, v2; g2) (+ acc): q_i, k_i [.., D_i], v_i and o [.., DV]
+    # + LA(q2, k2, v2; g2) (+ acc): q_i, k_i [.., D_i], v_i and o [.., DV]; HAS_INIT: the
+    # carries start from x0_i [N, H, D_i, DV] (an initial state, or across ranks the carry in)
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     s = tl.program_id(2)
@@ -93,10 +96,15 @@ def _la_sum2_kernel(q1, k1, v1, q2, k2, v2, o, acc, lg1, pw1, lg2, pw2, dx1, dx2
     sbase = nh.to(tl.int64)
     la1, p1, b1, Dm1 = _term_decays(lg1, pw1, h, oc, C, ACC, TABLE)
     la2, p2, b2, Dm2 = _term_decays(lg2, pw2, h, oc, C, ACC, TABLE)
-    X1 = _term_fold(tl.zeros((BK1, BV), dtype=ACC), dx1, la1, sbase, s, SEG, NSUM, D1, DV, ok1, ov,
-                    (ok1 < D1)[:, None] & mv[None, :])
-    X2 = _term_fold(tl.zeros((BK2, BV), dtype=ACC), dx2, la2, sbase, s, SEG, NSUM, D2, DV, ok2, ov,
-                    (ok2 < D2)[:, None] & mv[None, :])
+    m1 = (ok1 < D1)[:, None] & mv[None, :]
+    m2 = (ok2 < D2)[:, None] & mv[None, :]
+    X1 = tl.zeros((BK1, BV), dtype=ACC)
+    X2 = tl.zeros((BK2, BV), dtype=ACC)
+    if HAS_INIT:
+        X1 = tl.load(x01 + sbase * D1 * DV + ok1[:, None] * DV + ov[None, :], mask=m1, other=0).to(ACC)
+        X2 = tl.load(x02 + sbase * D2 * DV + ok2[:, None] * DV + ov[None, :], mask=m2, other=0).to(ACC)
+    X1 = _term_fold(X1, dx1, la1, sbase, s, SEG, NSUM, D1, DV, ok1, ov, m1)
+    X2 = _term_fold(X2, dx2, la2, sbase, s, SEG, NSUM, D2, DV, ok2, ov, m2)
     start = s * SEG
     stop = tl.minimum(start + SEG, L)
     for cs in range(start, stop, C):
@@ -137,12 +145,14 @@ def sum2_launch_config(dot, d1: int, d2: int, dv: int, block_v=None, num_warps=N
 def query_pair(la, terms, *, out=None, acc=None, out_dtype=None, num_warps=None, num_stages=None):
     """dq = LA(q1, k1, v1; g^p1) + LA(q2, k2, v2; g^p2) (+ acc) in one launch.
 
-    la: the forward's Chain (kernels/gla.py: chunk mode, decays, segments, launch knobs);
-    terms: two (query [B, T, H, d_i], key [.., d_i], value [.., dv], power); out / acc /
-    out_dtype as Chain's; num_warps / num_stages override the chain's launch knobs. Not for context parallelism (la.cp) or initial carries."""
-    if la.cp is not None or la.mode != "chunk":
-        raise ValueError("query_pair runs chunk mode without context parallelism")
-    (q1, k1, v1, p1), (q2, k2, v2, p2) = terms
+    la: the forward's Chain (kernels/gla.py: chunk mode, decays, segments, launch knobs,
+    and with context parallelism la.cp: each term's carry is exchanged across the ranks
+    as an LA launch's is); terms: two (query [B, T, H, d_i], key [.., d_i], value [.., dv],
+    power, initial carry [N, H, d_i, dv] or None); out / acc / out_dtype as Chain's;
+    num_warps / num_stages override the chain's launch knobs."""
+    if la.mode != "chunk":
+        raise ValueError("query_pair runs chunk mode")
+    (q1, k1, v1, p1, x01), (q2, k2, v2, p2, x02) = terms
     p = la.p
     B, T, H, N, sdt = p["B"], p["T"], p["H"], p["N"], p["sdt"]
     d1, d2, dv = q1.shape[-1], q2.shape[-1], v1.shape[-1]
@@ -172,8 +182,15 @@ def query_pair(la, terms, *, out=None, acc=None, out_dtype=None, num_warps=None,
                 ACC=ACC, BK=BK, BV=BV, C=C, DOT=DOT, PREC=PREC, TABLE=TABLE, **launch)
         decays += [log2g, table]
         dxs.append(dx)
+    inits = [x01, x02]
+    if la.cp is not None:  # each term's carry at this rank's slice start, folded over the ranks
+        inits = [la.cp.carry_in(power, SEG, [dx], [x0], shift=False, reverse=False)[0]
+                 for dx, x0, power in zip(dxs, inits, (p1, p2))]
+    has_init = any(x is not None for x in inits)
+    inits = [(x.contiguous() if x is not None else torch.zeros((N, H, d, dv), dtype=sdt, device=dev))
+             if has_init else o for x, d in zip(inits, (d1, d2))]
     _la_sum2_kernel[(nvb, N * H, nseg)](
-        q1, k1, v1, q2, k2, v2, o, acc if acc is not None else o, *decays, *dxs, cu,
+        q1, k1, v1, q2, k2, v2, o, acc if acc is not None else o, *decays, *dxs, *inits, cu,
         T, H, d1, d2, dv, SEG, nsum, BK1=BK1, BK2=BK2, BV=BV, C=C, VARLEN=VARLEN, DOT=DOT, ACC=ACC,
-        PREC=PREC, TABLE=TABLE, ACCUM=acc is not None, **launch)
+        PREC=PREC, TABLE=TABLE, ACCUM=acc is not None, HAS_INIT=has_init, **launch)
     return o

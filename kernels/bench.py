@@ -267,7 +267,7 @@ def train(args):
             [backward_query.LAUNCH_2BYTE.get((bk, bk, 64), (8, 2))]
         for nw, ns in qconfigs:
             dq_cases.append((f"query pair (dq) warps={nw} stages={ns}",
-                             lambda nw=nw, ns=ns: query_pair(la, [(dn, v, kt, 2), (dkt, k, k, 1)], out_dtype=bf,
+                             lambda nw=nw, ns=ns: query_pair(la, [(dn, v, kt, 2, None), (dkt, k, k, 1, None)], out_dtype=bf,
                                                              num_warps=nw, num_stages=ns)))
         qswept = {}
         for nm, f in dq_cases:

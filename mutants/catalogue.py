@@ -684,12 +684,19 @@ QUERY_PAIR_DEFECTS = [
         (KB,), k="segments or query_pair",
         description="query pair: the earlier segments' carries are folded in without the decay g^SEG"),
     Mutant(
-        "query-pair-ignores-initial-carry", "kernel-backward", "kernels/backward.py",
-        "and st.get(chain[i].state) is None]",
-        "]",
+        "query-pair-drops-initial-carry", "kernel-backward", QP,
+        "X1 = tl.load(x01 + sbase",
+        "X1 = 0 * tl.load(x01 + sbase",
         (KB,), k="state_gradients or query_pair",
-        description="query pair taken for a stage with an initial state: the initial carry's part of "
-                    "dq (g^(t+1) q-side of X0) is lost"),
+        description="query pair: the first term's initial carry (an initial state's part of dq, "
+                    "g^(t+1) dN_t X0) is dropped"),
+    Mutant(
+        "query-pair-cp-second-carry-wrong-decay", "context-parallel", QP,
+        "for dx, x0, power in zip(dxs, inits, (p1, p2))]",
+        "for dx, x0, power in zip(dxs, inits, (p1, p1))]",
+        ("property_tests/test_cp.py",), k="ranks_equal_one_process and not gpu",
+        description="query pair across ranks: the second term's carry from the earlier ranks is "
+                    "folded with the first term's decay"),
 ]
 CATALOGUE += QUERY_PAIR_DEFECTS
 

@@ -323,7 +323,8 @@ def test_query_pair_launch_equals_separate_launches(op, monkeypatch):
     """kernels/backward_query.py (two stages' query rules in one forward launch, on by
     default where it applies) against one launch per stage, float64 to 1e-12: varlen,
     forced segments (both terms' summaries and folds), a per-head decay with the stages'
-    different powers; and where it applies (kernels.backward._query_pairs)."""
+    different powers, with and without an initial state (each term's carry in) and its
+    gradient; and where it applies (kernels.backward._query_pairs)."""
     import kernels.backward as kb
     from kernels.hla2 import CHAIN as C2
     from kernels.hla3 import CHAIN as C3
@@ -331,39 +332,44 @@ def test_query_pair_launch_equals_separate_launches(op, monkeypatch):
     q, k, v, do = _inputs(1, T, H, d, dv, seed=6)
     g = torch.tensor([0.9, 0.6], dtype=F64, device=DEVICE)
     cu = torch.tensor([0, 30, 45], device=DEVICE)
-    res = {}
-    for fused in (True, False):
-        monkeypatch.setattr(kb, "QUERY_PAIR", fused)
-        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        o, _ = FNS[(op, "chunk")](*xs, gamma=g, chunk_size=16, cu_seqlens=cu, segment_chunks=1)
-        (o * do).sum().backward()
-        res[fused] = [x.grad for x in xs]
-    for name, a, b in zip("qkv", res[True], res[False]):
-        assert _rel(a.cpu(), b.cpu()) <= 1e-12, (op, name)
+    for with_state in (False, True):
+        res = {}
+        for fused in (True, False):
+            monkeypatch.setattr(kb, "QUERY_PAIR", fused)
+            xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            s0 = _random_state(op, 2, H, d, dv, False, False, seed=4) if with_state else None
+            o, _ = FNS[(op, "chunk")](*xs, gamma=g, chunk_size=16, cu_seqlens=cu, segment_chunks=1,
+                                      initial_state=s0)
+            (o * do).sum().backward()
+            res[fused] = [x.grad for x in xs] + ([x.grad for x in s0 if x is not None] if s0 else [])
+        assert len(res[True]) >= (5 if with_state else 3)  # q, k, v (and two or more state fields)
+        for i, (a, b) in enumerate(zip(res[True], res[False])):
+            assert _rel(a.cpu(), b.cpu()) <= 1e-12, (op, with_state, i)
     monkeypatch.setattr(kb, "QUERY_PAIR", True)
 
     class _La:  # the attributes _query_pairs reads
         mode, cp, p = "chunk", None, {"d": 4, "dv": 3}
     need = dict(q=True, k=True, v=True, init=False)
-    none = {}
     for chain, nz, want in ((C2, False, {1: 0, 0: 1}), (C2, True, {}), (C3, False, {2: 1, 1: 2}),
                             (C3, True, {})):
         steps = kb._plan(chain, need, {s.state: False for s in chain})
-        assert kb._query_pairs(chain, _La, steps, nz, none) == want, (chain, nz)
+        assert kb._query_pairs(chain, _La, steps, nz) == want, (chain, nz)
     steps = kb._plan(C2, need, {s.state: False for s in C2})
-    # an initial carry on one stage (its query rule's carry in), no dq wanted, recurrent
-    # mode, context parallelism: one launch per stage
-    assert kb._query_pairs(C2, _La, steps, False, {"KK": torch.zeros(1)}) == {}
+
+    class _Cp(_La):  # context parallelism: the same plan (each term's carry is exchanged)
+        cp = object()
+    assert kb._query_pairs(C2, _Cp, steps, False) == {1: 0, 0: 1}
+    # no dq wanted, recurrent mode, head size 1: one launch per stage (or none)
     no_q = kb._plan(C2, dict(need, q=False), {s.state: False for s in C2})
-    assert kb._query_pairs(C2, _La, no_q, False, none) == {}
+    assert kb._query_pairs(C2, _La, no_q, False) == {}
 
     class _Rec(_La):
         mode = "recurrent"
 
-    class _Cp(_La):
-        cp = object()
-    assert kb._query_pairs(C2, _Rec, steps, False, none) == {}
-    assert kb._query_pairs(C2, _Cp, steps, False, none) == {}
+    class _One(_La):
+        p = {"d": 4, "dv": 1}
+    assert kb._query_pairs(C2, _Rec, steps, False) == {}
+    assert kb._query_pairs(C2, _One, steps, False) == {}
 
 
 def examples(ci: int, gpu: int = 10):
