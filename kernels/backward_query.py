@@ -18,8 +18,8 @@ kernel once per term. Numerically the same sum as the two launches (fp32 / fp64 
 before one rounding to dq's format).
 
 Initial carries (the stages' initial states, transposed as the query rule's carry) and,
-with context parallelism, each term's carry from the earlier ranks (kernels/cp.py, one
-exchange per term as for separate launches) enter as the LA's. Scope: chunk mode, no side
+with context parallelism, each term's carry from the earlier ranks (kernels/cp.py; both
+terms' carries in one exchange, where separate launches make one each) enter as the LA's. Scope: chunk mode, no side
 channels; kernels/backward.py runs separate launches otherwise.
 """
 from __future__ import annotations
@@ -146,8 +146,8 @@ def query_pair(la, terms, *, out=None, acc=None, out_dtype=None, num_warps=None,
     """dq = LA(q1, k1, v1; g^p1) + LA(q2, k2, v2; g^p2) (+ acc) in one launch.
 
     la: the forward's Chain (kernels/gla.py: chunk mode, decays, segments, launch knobs,
-    and with context parallelism la.cp: each term's carry is exchanged across the ranks
-    as an LA launch's is); terms: two (query [B, T, H, d_i], key [.., d_i], value [.., dv],
+    and with context parallelism la.cp: both terms' carries are exchanged across the
+    ranks together); terms: two (query [B, T, H, d_i], key [.., d_i], value [.., dv],
     power, initial carry [N, H, d_i, dv] or None); out / acc / out_dtype as Chain's;
     num_warps / num_stages override the chain's launch knobs."""
     if la.mode != "chunk":
@@ -184,8 +184,7 @@ def query_pair(la, terms, *, out=None, acc=None, out_dtype=None, num_warps=None,
         dxs.append(dx)
     inits = [x01, x02]
     if la.cp is not None:  # each term's carry at this rank's slice start, folded over the ranks
-        inits = [la.cp.carry_in(power, SEG, [dx], [x0], shift=False, reverse=False)[0]
-                 for dx, x0, power in zip(dxs, inits, (p1, p2))]
+        inits = la.cp.carry_in((p1, p2), SEG, dxs, inits, shift=False, reverse=False)  # one exchange
     has_init = any(x is not None for x in inits)
     inits = [(x.contiguous() if x is not None else torch.zeros((N, H, d, dv), dtype=sdt, device=dev))
              if has_init else o for x, d in zip(inits, (d1, d2))]

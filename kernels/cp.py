@@ -172,18 +172,20 @@ class ContextParallel:
     def carry_in(self, power, seg, parts, boundary, shift, reverse):
         """The carry a launch starts its slice from.
 
-        power: the launch's decay is g = gamma^power per head; seg: tokens per segment of the
+        power: the launch's decay is g = gamma^power per head (a tuple: one power per part,
+        parts of launches that exchange together); seg: tokens per segment of the
         launch; parts: its segment summaries (X [N, H, S, d, w] and, where used, the side
         carries [N, H, S, d] / [N, H, S, w]); boundary: the carry this rank brings (same
         layout without the segment axis, or None for zero). Returns the carries, one per
         part, in the layout the kernel reads (contiguous).
         """
-        wt = self.weights(power, seg, parts[0].shape[2], bool(shift), parts[0].dtype)
+        powers = tuple(power) if isinstance(power, tuple) else (power,) * len(parts)
+        wts = [self.weights(pw, seg, parts[0].shape[2], bool(shift), parts[0].dtype) for pw in powers]
 
         def per_head(x, like):  # [H] or [H, S] against [N, H, ...]
             return x.view((1,) + tuple(x.shape) + (1,) * (like.dim() - 1 - x.dim()))
         W, own = [], []
-        for x, b in zip(parts, boundary):
+        for x, b, wt in zip(parts, boundary, wts):
             z = (x * per_head(wt.seg, x)).sum(2)
             if wt.lead is not None:
                 z = z * per_head(wt.lead, z)
@@ -195,14 +197,14 @@ class ContextParallel:
         flat = torch.cat([x.reshape(-1) for x in W])
         # the first wait for the other ranks' headers, if any: after this rank's W is queued,
         # before the first exchange whose size depends on what the headers check
-        rho = self.rho(power, flat.dtype)
+        rhos = [self.rho(pw, flat.dtype) for pw in powers]
         got = [torch.empty_like(flat) for _ in range(self.world)]
         torch.distributed.all_gather(got, flat, group=self.group)
         combine = reverse_combine() if reverse else forward_combine()
         others = range(self.world - 1, self.rank, -1) if reverse else range(self.rank)
         out = []
         off = 0
-        for x, b in zip(W, own):
+        for x, b, rho in zip(W, own, rhos):
             n = x.numel()
             acc = None  # the empty prefix: ⊕'s identity
             for s in others:

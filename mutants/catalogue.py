@@ -692,8 +692,8 @@ QUERY_PAIR_DEFECTS = [
                     "g^(t+1) dN_t X0) is dropped"),
     Mutant(
         "query-pair-cp-second-carry-wrong-decay", "context-parallel", QP,
-        "for dx, x0, power in zip(dxs, inits, (p1, p2))]",
-        "for dx, x0, power in zip(dxs, inits, (p1, p1))]",
+        "inits = la.cp.carry_in((p1, p2), SEG",
+        "inits = la.cp.carry_in((p1, p1), SEG",
         ("property_tests/test_cp.py",), k="ranks_equal_one_process and not gpu",
         description="query pair across ranks: the second term's carry from the earlier ranks is "
                     "folded with the first term's decay"),
