@@ -323,8 +323,9 @@ def test_query_pair_launch_equals_separate_launches(op, monkeypatch):
     """kernels/backward_query.py (two stages' query rules in one forward launch, on by
     default where it applies) against one launch per stage, float64 to 1e-12: varlen,
     forced segments (both terms' summaries and folds), a per-head decay with the stages'
-    different powers, with and without an initial state (each term's carry in) and its
-    gradient; and where it applies (kernels.backward._query_pairs)."""
+    different powers, an initial state (each term's carry in) and its gradient (without
+    one, every float64 test against the derived VJP runs the query pair, on by default);
+    and where it applies (kernels.backward._query_pairs)."""
     import kernels.backward as kb
     from kernels.hla2 import CHAIN as C2
     from kernels.hla3 import CHAIN as C3
@@ -332,19 +333,17 @@ def test_query_pair_launch_equals_separate_launches(op, monkeypatch):
     q, k, v, do = _inputs(1, T, H, d, dv, seed=6)
     g = torch.tensor([0.9, 0.6], dtype=F64, device=DEVICE)
     cu = torch.tensor([0, 30, 45], device=DEVICE)
-    for with_state in (False, True):
-        res = {}
-        for fused in (True, False):
-            monkeypatch.setattr(kb, "QUERY_PAIR", fused)
-            xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
-            s0 = _random_state(op, 2, H, d, dv, False, False, seed=4) if with_state else None
-            o, _ = FNS[(op, "chunk")](*xs, gamma=g, chunk_size=16, cu_seqlens=cu, segment_chunks=1,
-                                      initial_state=s0)
-            (o * do).sum().backward()
-            res[fused] = [x.grad for x in xs] + ([x.grad for x in s0 if x is not None] if s0 else [])
-        assert len(res[True]) >= (5 if with_state else 3)  # q, k, v (and two or more state fields)
-        for i, (a, b) in enumerate(zip(res[True], res[False])):
-            assert _rel(a.cpu(), b.cpu()) <= 1e-12, (op, with_state, i)
+    res = {}
+    for fused in (True, False):
+        monkeypatch.setattr(kb, "QUERY_PAIR", fused)
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        s0 = _random_state(op, 2, H, d, dv, False, False, seed=4)
+        o, _ = FNS[(op, "chunk")](*xs, gamma=g, chunk_size=16, cu_seqlens=cu, segment_chunks=1, initial_state=s0)
+        (o * do).sum().backward()
+        res[fused] = [x.grad for x in xs] + [x.grad for x in s0 if x is not None]
+    assert len(res[True]) >= 5  # q, k, v and two or more state fields
+    for i, (a, b) in enumerate(zip(res[True], res[False])):
+        assert _rel(a.cpu(), b.cpu()) <= 1e-12, (op, i)
     monkeypatch.setattr(kb, "QUERY_PAIR", True)
 
     class _La:  # the attributes _query_pairs reads
