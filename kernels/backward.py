@@ -41,7 +41,8 @@ input dtype, and accumulates a gradient written by several rules (dq: one per st
 a key stage) in an fp32 buffer that its last rule reads and converts (chain_backward).
 Two launches that would share such a buffer are fused where they apply: a stage's key and
 value rules (kernels/backward_pair.py) and two stages' query rules (backward_query.py),
-which add their terms in registers; in HLA2's backward dq and dk then need no buffer.
+which add their terms in registers; in HLA2's backward (unnormalized, no initial-state
+gradient) dq and dk then need no buffer.
 """
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ class ChainFunction(torch.autograd.Function):
                 la.cp = cp.setup(cfg.cp_group, cp.chain_id(cfg.chain), p, q, normalize=cfg.normalize, eps=cfg.eps,
                                  scale=cfg.scale, chunk_size=cfg.chunk_size,
                                  output_final_state=cfg.output_final_state, has_init=bool(cfg.state_idx),
-                                 init_grad=any(need[4:]), needs=need[1] + 2 * need[2] + 4 * need[3])
+                                 init_grad=any(need[4:]), needs=need[1] + 2 * need[2] + 4 * need[3],
+                                 fusions=int(PAIR) + 2 * int(QUERY_PAIR))
             if cfg.scale != 1.0:
                 p["q"] = (p["q"] * cfg.scale).contiguous()
             o, out = forward_chain(cfg.chain, la, p, st, fin, cfg.normalize, cfg.eps, keep_side=True)

@@ -131,7 +131,10 @@ LAUNCH_2BYTE = {(64, 64, 64): (8, 3), (128, 128, 64): (8, 3)}
 
 
 def sum2_launch_config(dot, d1: int, d2: int, dv: int, block_v=None, num_warps=None, num_stages=None):
-    """(BK1, BK2, BV, launch kwargs): value blocks as the LA launch's (kernels/gla.py)."""
+    """(BK1, BK2, BV, launch kwargs). Value blocks: 64 wide for 2-byte operands as the LA
+    launch's (kernels/gla.py); for 4- and 8-byte ones 32 wide (16 for 8-byte at head size 128
+    and above), narrower than the LA launch's fp32 64 below 128 as the program holds two
+    carries; one pipeline stage there."""
     mb = 64 if dot in (tl.bfloat16, tl.float16) else 16
     BK1, BK2 = max(mb, next_pow2(d1)), max(mb, next_pow2(d2))
     if block_v is None:

@@ -26,8 +26,11 @@ Read backward in time, a launch's carry is "shifted" (kernels/gla.py: SHIFT, it 
 state after a virtual first update), so a slice hands on g Z_r rather than Z_r; the rest
 is the same. Every launch exchanges once, collectively: all ranks run the same launches
 in the same order (the backward's plan is made from flags all ranks agree on, exchanged
-in `setup` and checked in `ContextParallel.resolve`). Communication per launch and rank: one all_gather of a carry (d x dv per
-sequence and head, plus the side channels), e.g. 1 MiB for B=1, H=16, d=dv=128 in fp32.
+in `setup` and checked in `ContextParallel.resolve`, the backward's launch switches
+included). Communication per launch and rank: one all_gather of its carries (d x dv per
+sequence and head, plus the side channels; the backward's query pair, kernels/
+backward_query.py, gathers its two terms' carries together), e.g. 1 MiB for B=1, H=16,
+d=dv=128 in fp32.
 """
 from __future__ import annotations
 
@@ -223,7 +226,8 @@ def _header(p, q, fields):
 
 
 NAMES = ["B", "H", "d", "dv", "dtype", "chain", "normalize", "eps", "scale", "chunk_size",
-         "output_final_state", "requires grad (q, k, v)", "cu_seqlens given", "gamma"]
+         "output_final_state", "requires grad (q, k, v)", "cu_seqlens given", "gamma",
+         "backward launch fusions (1: HLA_BWD_PAIR, 2: HLA_BWD_QUERY_PAIR)"]
 # after NAMES, a header holds (offsets from len(NAMES)):
 EXTRA = 6
 LENGTH, HAS_INIT, INIT_GRAD, GAMMA_MIN, GAMMA_MAX, FAILED = range(EXTRA)
@@ -259,9 +263,11 @@ def _gather_headers(group, mine, device):
 
 
 def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_final_state, has_init,
-          init_grad, needs) -> ContextParallel:
+          init_grad, needs, fusions) -> ContextParallel:
     """Check `group` and start the exchange of the ranks' headers (what they must agree on,
-    and their slice lengths): one small collective per call, read on first use."""
+    and their slice lengths): one small collective per call, read on first use. fusions:
+    the process's backward launch switches as a number (kernels/backward.py); they decide
+    which launches, hence which exchanges, the backward makes."""
     dist = torch.distributed
     _check_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -272,7 +278,8 @@ def setup(group, chain_id, p, q, *, normalize, eps, scale, chunk_size, output_fi
     extra[LENGTH], extra[HAS_INIT], extra[INIT_GRAD] = p["T"], float(bool(has_init)), float(bool(init_grad))
     extra[GAMMA_MIN], extra[GAMMA_MAX] = g64.min().item(), g64.max().item()
     head = _header(p, q, [chain_id, float(bool(normalize)), float(eps), float(scale), float(chunk_size),
-                          float(bool(output_final_state)), float(needs), float(p["cu"] is not None), gsum] + extra)
+                          float(bool(output_final_state)), float(needs), float(p["cu"] is not None), gsum,
+                          float(fusions)] + extra)
     table = _gather_headers(group, torch.tensor(head, dtype=torch.float64), q.device)
     ready = None
     if table.is_cuda:  # to the host without waiting; resolve() waits on the event (on q's device's

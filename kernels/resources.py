@@ -91,7 +91,7 @@ def cases(d):
     K1, K2, QV, qlaunch = sum2_launch_config(tl.bfloat16, d, d, d)
     qb = {n: "*bf16" for n in ("q1", "k1", "v1", "q2", "k2", "v2", "o")}
     yield (f"query pair (dq), two {K1} x {QV} carries", _la_sum2_kernel, dict(qb, cu="*i32"),
-           dict(BK1=K1, BK2=K2, BV=QV, ACCUM=False, **BF16), qlaunch)
+           dict(BK1=K1, BK2=K2, BV=QV, ACCUM=False, HAS_INIT=False, **BF16), qlaunch)
 
 
 def main(argv=None):

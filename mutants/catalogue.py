@@ -744,6 +744,13 @@ CP_DEFECTS = [
         description="context parallel: a rank whose own argument checks fail raises without joining the "
                     "header exchange, so the other ranks wait for it forever"),
     Mutant(
+        "cp-fusions-unchecked", "context-parallel", CP,
+        "float(fusions)] + extra)",
+        "0.0] + extra)",
+        (CPT,), k="bad_use",
+        description="context parallel: ranks whose backward launch switches differ (HLA_BWD_PAIR, "
+                    "HLA_BWD_QUERY_PAIR) run different exchanges without an error"),
+    Mutant(
         "cp-gamma-unchecked", "context-parallel", CP,
         "gsum = float(zlib.crc32(g64.numpy().tobytes()))",
         "gsum = 0.0",

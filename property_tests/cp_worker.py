@@ -78,9 +78,16 @@ def run_rank(sc, rank, group, device="cpu"):
         return dict(o=fn(*xs, cu_seqlens=cu, cp_group=group))
     elif bad == "init":
         _, st = fn(xs[0][:, :1].detach(), xs[1][:, :1].detach(), xs[2][:, :1].detach(), output_final_state=True)
-    o, fin = fn(*xs, gamma=gamma, normalize=normalize, chunk_size=sc.get("chunk_size", 64),
-                segment_chunks=sc.get("segment_chunks"), initial_state=st, output_final_state=True,
-                cp_group=group)
+    import kernels.backward as kb
+    query_pair = kb.QUERY_PAIR
+    if bad == "fusions":  # a different backward launch plan (HLA_BWD_QUERY_PAIR=0 on rank 1 only)
+        kb.QUERY_PAIR = False
+    try:
+        o, fin = fn(*xs, gamma=gamma, normalize=normalize, chunk_size=sc.get("chunk_size", 64),
+                    segment_chunks=sc.get("segment_chunks"), initial_state=st, output_final_state=True,
+                    cp_group=group)
+    finally:
+        kb.QUERY_PAIR = query_pair
     loss = (o * do[:, lo:hi]).sum()
     if dfin[rank] is not None:
         loss = loss + sum((a * b).sum() for a, b in zip(fin, dfin[rank]) if a is not None)

@@ -150,7 +150,8 @@ def test_ranks_equal_one_process_gpu(world):
 
 
 def test_bad_use_is_named():
-    """Ranks disagreeing on the arguments, an initial state off rank 0, cu_seqlens: the same
+    """Ranks disagreeing on the arguments (or on the backward's launch switches, which decide
+    its exchanges), an initial state off rank 0, cu_seqlens: the same
     clear error on every rank; arguments that fail one rank's own checks: that error there,
     and on the others an error naming that rank (nothing hangs either way)."""
     sc = dict(BASE, op="hla2", lengths=[3, 4], gamma=0.9, normalize=False, init=False, dfin=False, seed=7)
@@ -158,6 +159,7 @@ def test_bad_use_is_named():
     want = {"gamma": ["disagree on gamma"] * 2, "dv": ["disagree on dv"] * 2,
             "init": ["initial_state: with cp_group"] * 2, "normalize": ["disagree on normalize"] * 2,
             "varlen": ["cu_seqlens: not supported"] * 2,
+            "fusions": ["disagree on backward launch fusions"] * 2,
             "local_gamma": [rejected, "gamma must lie in (0, 1]"],
             "local_shape": [rejected, "k shape"]}
     bad = [dict(sc, bad=b) for b in want]
