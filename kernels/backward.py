@@ -56,7 +56,7 @@ from . import cp
 from ._common import _is_real
 from .backward_pair import reversed_pair
 from .backward_query import query_pair
-from .gla import forward_chain, setup_chain
+from .gla import as_carries, forward_chain, setup_chain
 
 
 class Rule(NamedTuple):
@@ -146,8 +146,15 @@ class ChainFunction(torch.autograd.Function):
             o, out = forward_chain(cfg.chain, la, p, st, fin, cfg.normalize, cfg.eps, keep_side=True)
         o_last = out.pop(cfg.chain[-1].state)
         out["D"] = o_last[1]  # the dividing stage's denominator (normalized), else None
-        ctx.save_for_backward(o)  # an output: kept by autograd (no reference cycle through ctx)
-        ctx.cfg, ctx.p, ctx.la, ctx.st, ctx.out = cfg, p, la, st, out
+        # Every tensor the backward reads goes through save_for_backward: autograd then
+        # raises if one is changed in place before the backward (else its gradients would be
+        # silently wrong), and saved-tensor hooks (torch.autograd.graph.save_on_cpu,
+        # checkpointing) see them all. la.p is p: it keeps only placeholders until then.
+        tensors = []
+        ctx.held = _pack(dict(p=dict(p), st=st, out=out), tensors, {})
+        ctx.save_for_backward(o, *tensors)
+        p.update(ctx.held["p"])
+        ctx.cfg, ctx.la = cfg, la
         ctx.field_dtypes = [x.dtype for x in fields]
         ctx.set_materialize_grads(False)
         fin = fin._asdict() if fin is not None else {}
@@ -156,16 +163,20 @@ class ChainFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, *dfin):
-        cfg, p = ctx.cfg, ctx.p
+        cfg = ctx.cfg
         need = dict(q=ctx.needs_input_grad[1], k=ctx.needs_input_grad[2], v=ctx.needs_input_grad[3],
                     init=any(ctx.needs_input_grad[4:]))
-        out = dict(ctx.out)
-        (o,) = ctx.saved_tensors
+        o, *tensors = ctx.saved_tensors  # autograd's in-place check happens here
+        held = _unpack(ctx.held, tensors)
+        p = ctx.la.p
+        p.update(held["p"])
+        st, out = held["st"], held["out"]
         out[cfg.chain[-1].state] = (o, out.pop("D"))
         out["o"] = o
         with torch.autocast(p["q"].device.type, enabled=False):
-            dq, dk, dv, dinit = chain_backward(cfg.chain, ctx.la, p, ctx.st, out, cfg.normalize, cfg.eps,
-                                               do, dict(zip(ctx.fin_names, dfin)), need)
+            dq, dk, dv, dinit = chain_backward(cfg.chain, ctx.la, p, st, out, cfg.normalize, cfg.eps,
+                                               do, as_carries(cfg.chain, dict(zip(ctx.fin_names, dfin))), need)
+        dinit = as_carries(cfg.chain, dinit)
         dt = p["k"].dtype
         grads = [None,
                  (dq if cfg.scale == 1.0 else dq * cfg.scale).to(dt) if need["q"] and dq is not None else None,
@@ -175,7 +186,58 @@ class ChainFunction(torch.autograd.Function):
         for i, fdt in zip(cfg.state_idx, ctx.field_dtypes):
             g = dinit.get(names[i])
             grads.append(g.to(fdt) if g is not None else None)
+        if torch.is_grad_enabled():  # create_graph=True: these gradients are not differentiable
+            marked = _FirstOrderOnly.apply(*[g.detach().requires_grad_(True) if g is not None else None
+                                             for g in grads[1:]])
+            return (None,) + tuple(marked)
         return tuple(grads)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The gradients of a ChainFunction under create_graph=True. Its backward launches are
+    not differentiable: without this mark the gradients would carry no graph, and a loss
+    built on them (a gradient penalty) would silently lose those terms. Differentiating
+    them raises instead; a create_graph=True backward that does not is unaffected."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(g.view_as(g) if g is not None else None for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("the gradients of the HLA kernels (kernels.chunk_* / fused_recurrent_*) are not "
+                           "differentiable: no second-order derivative (double backward) is implemented")
+
+
+class _Slot(NamedTuple):
+    """Where a tensor of ChainFunction's saved structure sits in ctx.saved_tensors."""
+    i: int
+
+
+def _pack(x, tensors: list, seen: dict):
+    """x (dicts and plain tuples of tensors and other values) with every tensor replaced by
+    a _Slot into `tensors`, where it is appended once (seen: id -> slot)."""
+    if isinstance(x, torch.Tensor):
+        if id(x) not in seen:
+            seen[id(x)] = _Slot(len(tensors))
+            tensors.append(x)
+        return seen[id(x)]
+    if isinstance(x, dict):
+        return {n: _pack(y, tensors, seen) for n, y in x.items()}
+    if type(x) is tuple:
+        return tuple(_pack(y, tensors, seen) for y in x)
+    return x
+
+
+def _unpack(x, tensors):
+    """The inverse of _pack on the tensors autograd gives back."""
+    if isinstance(x, _Slot):
+        return tensors[x.i]
+    if isinstance(x, dict):
+        return {n: _unpack(y, tensors) for n, y in x.items()}
+    if type(x) is tuple:
+        return tuple(_unpack(y, tensors) for y in x)
+    return x
 
 
 def _plan(chain, need, has_init):

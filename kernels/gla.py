@@ -538,7 +538,8 @@ class Stage(NamedTuple):
 
     state: the carry's field in the operator's state type.
     key:   a_t = "k" (the token's key) or the name of an earlier stage S: S_t^T q_t, its
-           output (S must be symmetric, i.e. key = value = "k", so this is also S_t q_t).
+           output (S must be symmetric, i.e. key = value = "k", so this is also S_t q_t;
+           an initial state's S need not be: see transposed_fields).
     value: b_t = "k", "v", or the name of an earlier stage S: S_t^T q_t.
     side:  the carry of the same stage with v -> 1 (normalize), when the value involves v.
     The operator's derived streaming update must equal this chain; property_tests/
@@ -566,7 +567,25 @@ def setup_chain(chain, state_cls, mode, q, k, v, gamma, normalize, eps, chunk_si
         if s.side is not None:
             shapes[s.side] = (N, H, d, 1)
     st, fin = carry_in_out(state_cls, shapes, initial_state, output_final_state, normalize, q.device, p["sdt"])
+    st = as_carries(chain, st)
     return p, st, fin, Chain(p, mode, block_v, num_warps, num_stages, segment_chunks)
+
+
+def transposed_fields(chain) -> frozenset:
+    """The state fields whose LA carry is the field transposed: those of key stages (key =
+    value = "k"). A stage's carry is X = sum a b^T and its output X^T q; the reference
+    (hla_core) reads a key stage's field S as S q (its update has S @ F["qv"]), the other
+    fields as q^T S. The two agree on the S = sum k k^T the tokens build, which is
+    symmetric, but not on a learned initial state: that enters as X0 = S^T, and the final
+    carry, the initial state's gradient and a final-state cotangent are turned likewise."""
+    return frozenset(s.state for s in chain if s.key == s.value)
+
+
+def as_carries(chain, fields: dict) -> dict:
+    """{field: tensor or None} in the state's orientation -> the LA carries' (and back:
+    the map is its own inverse). Tensors [..., d, w]; other entries pass through."""
+    tr = transposed_fields(chain)
+    return {n: (x.transpose(-1, -2).contiguous() if n in tr and x is not None else x) for n, x in fields.items()}
 
 
 def forward_chain(chain, la, p, st, fin, normalize, eps, keep_side=False):
@@ -584,6 +603,10 @@ def forward_chain(chain, la, p, st, fin, normalize, eps, keep_side=False):
                    init=(st[s.state], st[s.side] if use_side else None),
                    final=(f.get(s.state), f.get(s.side) if use_side else None))
         out[s.state] = (o, o1)
+    for n in transposed_fields(chain):  # the final carry back in the state's orientation
+        x = f.get(n)
+        if x is not None:
+            x.copy_(x.transpose(-1, -2).clone())
     return o, out
 
 

@@ -184,17 +184,17 @@ def seqs(p):
 
 def random_state(p, rng):
     """A random initial state of p's operator, already in the state format (fp32, fp64 for
-    fp64 inputs) so that the reference sees the values the kernel sees. KK = sum k k^T is
-    symmetric: kept so. p["positive"]: entries >= 0 (the norm-wise bound's domain). fp16:
-    scaled by 1/T like v (make_inputs), so that the outputs stay inside fp16's range."""
+    fp64 inputs) so that the reference sees the values the kernel sees. KK is not made
+    symmetric (a learned initial state need not be): the kernels must read it as the
+    reference does (kernels.gla.transposed_fields). p["positive"]: entries >= 0 (the
+    norm-wise bound's domain). fp16: scaled by 1/T like v (make_inputs), so that the
+    outputs stay inside fp16's range."""
     N, H, d, dv = len(seqs(p)), p["H"], p["d"], p["dv"]
     fields = {}
     for name, shape in hla_core.state_shapes(p["op"], d, dv, p["normalize"]).items():
         x = rng.standard_normal((N, H) + tuple(shape))
         if p["positive"]:
             x = np.abs(x)
-        if name == "KK":
-            x = x + np.swapaxes(x, -1, -2)
         if p["dtype"] == "float16":
             x = x / p["T"]
         fields[name] = torch.tensor(x).to(state_dtype(p))

@@ -482,7 +482,7 @@ def _state_case(op, modes, T, cut, H, d, dv, gammas, normalize, cu, seed=1, chun
     for x in (q, k, v):
         x.requires_grad_(True)
     leaves = _random_state(op, N, H, d, dv, normalize, normalize, seed + 1)
-    s0 = _symmetric_kk(leaves)
+    s0 = leaves
     gt = torch.tensor(gammas, dtype=F64)
     kw = dict(gamma=gt, normalize=normalize, chunk_size=chunk_size, output_final_state=True)
     if cu:
@@ -502,7 +502,7 @@ def _state_case(op, modes, T, cut, H, d, dv, gammas, normalize, cu, seed=1, chun
     # the reference, per sequence and head
     Q, K, V = (x.detach().cpu().clone().requires_grad_(True) for x in (q, k, v))
     L0 = {n: x.detach().cpu().clone().requires_grad_(True) for n, x in leaves._asdict().items() if x is not None}
-    S0 = _symmetric_kk(type(leaves)(**{n: L0.get(n) for n in leaves._fields}))._asdict()
+    S0 = dict(L0)
     S0 = {n: x for n, x in S0.items() if x is not None}
     ref_loss = 0
     for n_, (lo, hi) in enumerate(_segments(T, cu)):
@@ -521,15 +521,6 @@ def _state_case(op, modes, T, cut, H, d, dv, gammas, normalize, cu, seed=1, chun
         assert got is not None, f"no gradient for initial_state.{name}"
         e = _rel(got.cpu().numpy(), x.grad.numpy())
         assert e <= 1e-10, f"{op} {modes} d initial_state.{name}: rel {e:.2e}"
-
-
-def _symmetric_kk(state):
-    """KK = (A + A^T) / 2: the key-stage carry KK = sum g^(t-i) k_i k_i^T is symmetric, and the
-    kernels read it as KK^T q (an LA carry) where the reference reads KK q; on symmetric
-    carries the two agree, and so do the gradients of A."""
-    if getattr(state, "KK", None) is None:
-        return state
-    return state._replace(KK=(state.KK + state.KK.transpose(-1, -2)) / 2)
 
 
 STATE_CASES = [  # (op, modes, normalize, cu_seqlens)
@@ -687,3 +678,79 @@ def test_autocast_computes_in_the_autocast_dtype():
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         od, _ = kernels.fused_recurrent_hla2(*xd, gamma=0.9)
     assert od.dtype == F64
+
+
+# ---------------------------------------------------------------------------
+# The autograd contract: what autograd saves, in-place changes, double backward, overflow
+
+@pytest.mark.parametrize("op,mode", [("hla2", "chunk"), ("hla3", "recurrent")])
+@pytest.mark.parametrize("changed", ["q", "k", "v"])
+def test_input_changed_in_place_after_the_forward_raises(op, mode, changed):
+    """As for torch's own ops: the backward needs q, k, v, and changing one in place
+    between forward and backward is autograd's error, never silently wrong gradients."""
+    q, k, v, do = _inputs(1, 9, 1, 3, 2, seed=11)
+    xs = dict(q=q.requires_grad_(True), k=k.requires_grad_(True), v=v.requires_grad_(True))
+    o, _ = FNS[(op, mode)](xs["q"], xs["k"], xs["v"], gamma=0.9, chunk_size=16)
+    with torch.no_grad():
+        xs[changed].mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (o * do).sum().backward()
+
+
+@pytest.mark.parametrize("op,mode", [("hla2", "chunk"), ("hla3", "chunk"), ("ahla", "recurrent")])
+def test_backward_reads_only_what_autograd_saved(op, mode):
+    """Every tensor the backward reads goes through saved-tensor hooks (what
+    torch.autograd.graph.save_on_cpu and checkpointing rely on): with the token tensors
+    replaced by zeros on unpacking, every gradient is exactly zero (each VJP term has a
+    saved token factor); a tensor kept outside save_for_backward would leave some nonzero.
+    With hooks that pass values through, the gradients are those of a run without hooks."""
+    q, k, v, do = _inputs(1, 20, 2, 3, 4, seed=12)
+    B, T, H = q.shape[:3]
+
+    def grads(unpack):
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            o, _ = FNS[(op, mode)](*xs, gamma=0.9, chunk_size=16)
+        (o * do).sum().backward()
+        return [x.grad for x in xs]
+
+    plain = grads(lambda t: t)
+    assert all(float(g.abs().max()) > 0 for g in plain)
+    zeroed = grads(lambda t: torch.zeros_like(t) if t.dim() == 4 and tuple(t.shape[:3]) == (B, T, H) else t)
+    for name, g in zip("qkv", zeroed):
+        assert float(g.abs().max()) == 0.0, f"d{name} read a tensor that autograd did not save"
+    xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o, _ = FNS[(op, mode)](*xs, gamma=0.9, chunk_size=16)
+    (o * do).sum().backward()
+    for a, b in zip(plain, (x.grad for x in xs)):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_raises_and_create_graph_is_unaffected():
+    """The gradients are not differentiable: building on them under create_graph=True (a
+    gradient penalty) raises rather than silently dropping the term; a create_graph=True
+    backward that does not differentiate them gives the usual gradients."""
+    q, k, v, do = _inputs(1, 9, 1, 3, 2, seed=13)
+    xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o, _ = kernels.chunk_hla2(*xs, gamma=0.9, chunk_size=16)
+    gq, gk, gv = torch.autograd.grad((o * do).sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable.*double backward"):
+        (gq.pow(2).sum() + gk.sum()).backward()
+    ys = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o2, _ = kernels.chunk_hla2(*ys, gamma=0.9, chunk_size=16)
+    want = torch.autograd.grad((o2 * do).sum(), ys)
+    for a, b in zip((gq, gk, gv), want):
+        assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_cotangent_propagates(bad):
+    """A non-finite cotangent is not an error: it reaches the gradients (as through torch's
+    own ops), which is how torch.amp.GradScaler detects an fp16 overflow and skips the step."""
+    q, k, v, do = _inputs(1, 9, 1, 3, 2, seed=14)
+    do[0, 4, 0, 1] = bad
+    xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o, _ = kernels.chunk_ahla(*xs, gamma=0.9, chunk_size=16)
+    o.backward(do)
+    assert not all(bool(torch.isfinite(x.grad).all()) for x in xs)
