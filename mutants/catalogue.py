@@ -764,6 +764,27 @@ CP_DEFECTS = [
         ("property_tests/test_kernels_backward.py",), k="fused_key_value",
         description="fused reversed key/value launch: a final-state cotangent (or the later ranks' "
                     "carry) enters the first token one decay too late"),
+    Mutant(
+        "bwd-inputs-held-on-ctx", "kernel-backward", "kernels/backward.py",
+        'ctx.held = _pack(dict(p=dict(p), st=st, out=out), tensors, {})',
+        'ctx.held = dict(p=dict(p), st=st, out=out)',
+        ("property_tests/test_kernels_backward.py",), k="in_place or autograd_saved",
+        description="autograd op: q, k, v kept as ctx attributes instead of saved tensors, so an "
+                    "in-place change after the forward silently changes the gradients"),
+    Mutant(
+        "bwd-second-order-unmarked", "kernel-backward", "kernels/backward.py",
+        "        if torch.is_grad_enabled():  # create_graph=True",
+        "        if False:  # create_graph=True",
+        ("property_tests/test_kernels_backward.py",), k="double_backward",
+        description="autograd op: gradients under create_graph=True carry no graph, so a loss built "
+                    "on them (gradient penalty) silently loses that term"),
+    Mutant(
+        "key-stage-carry-untransposed", "kernel-backward", GLA,
+        "    return frozenset(s.state for s in chain if s.key == s.value)",
+        "    return frozenset()",
+        ("property_tests/test_kernels_backward.py",), k="state_gradients",
+        description="a learned non-symmetric initial KK read as the LA carry (S^T q) where the "
+                    "reference reads S q"),
 ]
 CATALOGUE += CP_DEFECTS
 
