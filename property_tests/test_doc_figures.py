@@ -268,7 +268,7 @@ def test_numerics_tables_are_the_printers():
             "docs/numerics.md's tables differ from `python -m kernels.numerics --tables --out docs`"
 
 
-@pytest.mark.parametrize("name", ["bench_train.json", "bench_train_sweep.json"])
+@pytest.mark.parametrize("name", ["bench_train.json", "bench_train_870184b.json", "bench_train_sweep.json"])
 def test_training_table_is_the_printer(name):
     from kernels.bench import print_train_table
     rows = json.loads((DOCS / name).read_text())["rows"]
